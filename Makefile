@@ -1,0 +1,42 @@
+# Persona: `make demo` runs the pipeline on the bundled sample, `make test` runs the tests.
+# Both create .venv first when it is missing (or when pyproject.toml changed).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-fast bench clean-data help
+
+help:
+	@echo "make demo   - dvc repro on the bundled sample (creates .venv if missing)"
+	@echo "make test   - run the test suite (creates .venv if missing)"
+	@echo "make bench  - run the benchmarks, results in benchmarks/results/"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	@test -d .git || git init -q
+	$(VENV)/bin/dvc repro
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: venv
+	$(PY) -m benchmarks.run_all
+
+clean-data:
+	rm -rf data/ingest data/dedup data/align data/masks data/caption data/wplus data/identity data/shards metrics

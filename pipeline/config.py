@@ -1,0 +1,272 @@
+"""params.yaml -> typed, validated config objects.
+
+Every section of params.yaml maps to a dataclass below. Loading is strict: an unknown key, or a
+value of the wrong type, raises `ConfigError` naming the offending key path and the allowed keys.
+Stages hash only the section they read (`section_hash`), so changing a caption param never
+invalidates the alignment cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with the key path that caused it."""
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class RuntimeConfig:
+    """Where work runs. `address` null -> in-process Ray; `RAY_ADDRESS` env overrides it."""
+
+    address: Optional[str] = None
+    executor: Literal["ray", "local"] = "ray"  # local = in-process loop (debugging, tiny runs)
+    num_cpus: Optional[int] = None  # default: every core of this machine
+    num_gpus: Optional[int] = None  # default: what torch sees
+    workers: Optional[int] = None  # actor-pool size for CPU stages; default num_cpus
+    part_size: int = 256  # items per committed parquet part
+    progress: bool = True
+
+
+@dataclass
+class SourceConfig:
+    """One input source: a folder (subfolders = identities) or a CSV/JSONL manifest."""
+
+    name: str = ""
+    path: str = ""
+    labeled: bool = True  # false: every image is an unlabeled face (group photos)
+    recursive: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """The bundled sample: real photos unpacked from registry packages."""
+
+    out: str = "data/raw"
+    cache: str = "data/cache"
+
+
+@dataclass
+class IngestConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
+    )
+    max_pixels: int = 64_000_000  # decompression-bomb limit (width * height)
+    max_bytes: int = 64_000_000  # files larger than this are rejected unread
+    min_side: int = 64  # smaller images are rejected as too_small
+    phash_size: int = 8  # 8 -> 64-bit perceptual hash
+    batch_size: int = 16
+
+
+@dataclass
+class DedupConfig:
+    hamming_threshold: int = 6  # near duplicate when phash Hamming distance <= this (64-bit hash)
+    across_identities: bool = True
+
+
+@dataclass
+class AlignConfig:
+    detector: Literal["mediapipe", "scrfd"] = "mediapipe"
+    min_detection_confidence: float = 0.5
+    max_faces: int = 32
+    min_face_size: int = 48  # eye-to-mouth scale in px of the original image; smaller -> too_small
+    output_size: int = 512  # FFHQ aligned crop side
+    wild_size: int = 512  # in-the-wild crop side
+    wild_scale: float = 2.5  # in-the-wild crop side relative to the FFHQ quad side
+    max_border_cut: float = 0.1  # fraction of the quad allowed outside the image before `cut_by_border`
+    transform_size: int = 4096
+    batch_size: int = 4
+
+
+@dataclass
+class MasksConfig:
+    erode_at_1024: int = 32  # erosion kernel at 1024 px (paper), scaled to the crop size
+    blur_at_1024: int = 7  # blur kernel at 1024 px (paper), scaled to the crop size
+    person_mask: bool = True  # selfie segmentation person mask
+    batch_size: int = 8
+
+
+@dataclass
+class CaptionConfig:
+    # auto -> "transformers" when model_path is set, else "none" (no captions, recorded as such)
+    backend: Literal["auto", "transformers", "lavis", "none"] = "auto"
+    model_path: Optional[str] = None  # local BLIP-2 folder (transformers) or LAVIS checkpoint
+    lavis_python: Optional[str] = None  # python of the separate LAVIS environment
+    lavis_model_name: str = "blip2_opt"  # LAVIS registry name
+    lavis_model_type: str = "caption_coco_opt2.7b"  # LAVIS model type (its config + preprocess)
+    lavis_timeout_s: float = 900.0  # max seconds for the LAVIS worker to load / answer a batch
+    prompt: Optional[str] = None
+    max_new_tokens: int = 30
+    num_beams: int = 3
+    batch_size: int = 8
+    num_gpus: float = 0.0  # per actor; 0 -> use a GPU only if torch sees one and runtime allows
+
+
+@dataclass
+class WPlusConfig:
+    checkpoint: Optional[str] = None  # official e4e_ffhq_encode.pt; null -> random init, loudly
+    input_size: int = 256
+    whiten_background: bool = True
+    batch_size: int = 4
+    num_gpus: float = 0.0
+
+
+@dataclass
+class IdentityConfig:
+    model_path: Optional[str] = None  # insightface ONNX or IResNet .pth; null -> bundled w600k_mbf
+    batch_size: int = 32
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ShardsConfig:
+    out: str = "data/shards"
+    samples_per_shard: int = 1000
+    val_fraction: float = 0.2
+    seed: int = 0
+    jpeg_quality: int = 95
+    grid_size: int = 16
+
+
+@dataclass
+class Params:
+    """The whole params.yaml."""
+
+    data_root: str = "data"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    wplus: WPlusConfig = field(default_factory=WPlusConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    # Training/evaluation sections are free-form mappings validated by their own modules.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Top-level keys that belong to other subsystems (training, evaluation, registry); each of those
+# modules validates its own section with `build(cls, data, path)`.
+PASSTHROUGH_SECTIONS = ("train", "train_stage1", "train_stage2", "evaluate", "registry", "generate", "cluster", "bench")
+
+
+# --------------------------------------------------------------------------------------------
+# strict builder
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = sorted(fields)
+    kwargs = {}
+    for key, value in data.items():
+        kp = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{kp}'; allowed keys here: {', '.join(allowed)}")
+        kwargs[key] = _coerce(value, hints[key], kp)
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (a missing file gives the defaults)."""
+    p = Path(path)
+    raw = yaml.safe_load(p.read_text()) if p.exists() else {}
+    return params_from_dict(raw or {})
+
+
+def params_from_dict(raw: dict) -> Params:
+    raw = dict(raw)
+    extra = {k: raw.pop(k) for k in list(raw) if k in PASSTHROUGH_SECTIONS}
+    params = build(Params, raw)
+    params.extra.update(extra)
+    for i, s in enumerate(params.ingest.sources):
+        if not s.name or not s.path:
+            raise ConfigError(f"ingest.sources[{i}]: 'name' and 'path' are required")
+    return params
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-able dict."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def section_hash(obj: Any, exclude: tuple[str, ...] = ("batch_size", "num_gpus")) -> str:
+    """Stable hash of the params a stage reads, ignoring ones that cannot change results."""
+    d = to_dict(obj)
+    if isinstance(d, dict):
+        d = {k: v for k, v in d.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

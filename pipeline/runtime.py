@@ -1,0 +1,232 @@
+"""Ray runtime: in-process by default, a cluster when `RAY_ADDRESS` (or runtime.address) is set.
+
+`map_batches` runs a batch function over items on a pool of Ray actors (one model load per actor),
+streams results back to the caller in completion order, shows progress (items/s, ETA) and turns
+failures into per-item error rows instead of crashing:
+- an exception for a batch -> each item is retried alone; one that still fails gets
+  status `error` and the exception text;
+- a worker process that dies (segfault, OOM, lost node) -> the actor is restarted by Ray and its
+  in-flight batches are retried item by item; an item that kills its worker again gets
+  `worker_crashed`.
+Nothing is committed by the workers: the driver receives each result exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
+
+from .config import RuntimeConfig
+
+log = logging.getLogger("persona.runtime")
+
+BatchFn = Callable[[list[dict]], list[list[dict]]]
+Factory = Callable[[], BatchFn]
+
+
+def gpu_count() -> int:
+    """GPUs torch can see on this machine (0 on CPU-only machines)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def ray_address(cfg: RuntimeConfig | None = None) -> str | None:
+    return os.environ.get("RAY_ADDRESS") or (cfg.address if cfg else None)
+
+
+def ensure_ray(cfg: RuntimeConfig | None = None) -> None:
+    """Start Ray in-process (all cores) or attach to the configured cluster; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RuntimeConfig()
+    address = ray_address(cfg)
+    common = dict(log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        log.info("attaching to Ray cluster at %s", address)
+        ray.init(address=address, **common)
+    else:
+        num_cpus = cfg.num_cpus or os.cpu_count() or 1
+        num_gpus = cfg.num_gpus if cfg.num_gpus is not None else gpu_count()
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            object_store_memory=512 * 1024 * 1024,
+            **common,
+        )
+
+
+def _error_row(item: dict, status: str, message: str) -> dict:
+    return {"key": item["key"], "status": status, "error": message}
+
+
+def process_batch(fn: BatchFn, batch: list[dict]) -> list[list[dict]]:
+    """Run `fn` on a batch; on an exception, retry each item alone and record what still fails."""
+    try:
+        out = fn(batch)
+        if len(out) != len(batch):
+            raise RuntimeError(f"batch function returned {len(out)} results for {len(batch)} items")
+        return out
+    except Exception:
+        if len(batch) == 1:
+            return [[_error_row(batch[0], "error", _exc_text())]]
+    results = []
+    for item in batch:
+        try:
+            (res,) = fn([item])
+        except Exception:
+            res = [_error_row(item, "error", _exc_text())]
+        results.append(res)
+    return results
+
+
+def _exc_text() -> str:
+    etype, value, _ = sys.exc_info()
+    tb = traceback.format_exc(limit=3).strip().splitlines()
+    where = tb[-3].strip() if len(tb) >= 3 else ""
+    return f"{etype.__name__}: {value} [{where}]"
+
+
+class _Progress:
+    """tqdm progress over items with rate and ETA (stderr), silent when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        if self.bar:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _chunks(items: Sequence[dict], n: int) -> list[list[dict]]:
+    return [list(items[i : i + n]) for i in range(0, len(items), max(1, n))]
+
+
+def map_batches(
+    factory: Factory,
+    items: Sequence[dict],
+    batch_size: int,
+    cfg: RuntimeConfig | None = None,
+    num_gpus: float = 0.0,
+    workers: int | None = None,
+    desc: str = "",
+) -> Iterator[tuple[list[dict], list[list[dict]]]]:
+    """Yield (batch, results) pairs; results[i] is the list of output rows of batch[i].
+
+    `factory()` is called once per worker (inside the Ray actor) and returns the batch function.
+    With `cfg.executor == 'local'` everything runs in this process (same contract, no Ray).
+    """
+    cfg = cfg or RuntimeConfig()
+    batches = _chunks(items, batch_size)
+    if not batches:
+        return
+    progress = _Progress(len(items), desc, cfg.progress)
+    try:
+        if cfg.executor == "local":
+            fn = factory()
+            for b in batches:
+                res = process_batch(fn, b)
+                progress.update(len(b))
+                yield b, res
+            return
+        yield from _map_ray(factory, batches, cfg, num_gpus, workers, progress)
+    finally:
+        progress.close()
+
+
+def _map_ray(factory, batches, cfg, num_gpus, workers, progress):
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError, ActorUnavailableError
+
+    ensure_ray(cfg)
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    gpus = int(resources.get("GPU", 0))
+    use_gpus = num_gpus if (num_gpus and gpus) else 0.0
+    if workers is None:
+        workers = cfg.workers or cpus
+        if use_gpus:
+            workers = max(1, min(workers, int(gpus / use_gpus)))
+    workers = max(1, min(workers, len(batches)))
+
+    @ray.remote(max_restarts=-1, max_task_retries=0)
+    class _Worker:  # noqa: D401 - a Ray actor
+        def __init__(self, fac):
+            self.fn = fac()
+
+        def run(self, batch):
+            return process_batch(self.fn, batch)
+
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    # The factory is passed by value (small, picklable) so that restarted actors can rebuild it.
+    actors = [_Worker.options(num_cpus=1, num_gpus=use_gpus).remote(factory) for _ in range(workers)]
+    queue: deque[tuple[list[dict], int]] = deque((b, 0) for b in batches)  # (batch, crash count)
+    inflight: dict[Any, tuple[Any, list[dict], int]] = {}
+    per_actor = {i: 0 for i in range(len(actors))}
+    depth = 2  # batches queued per actor to hide latency
+
+    def submit():
+        for i, a in enumerate(actors):
+            while per_actor[i] < depth and queue:
+                batch, crashes = queue.popleft()
+                ref = a.run.remote(batch)
+                inflight[ref] = (i, batch, crashes)
+                per_actor[i] += 1
+
+    try:
+        submit()
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            i, batch, crashes = inflight.pop(ref)
+            per_actor[i] -= 1
+            try:
+                res = ray.get(ref)
+            except (RayActorError, WorkerCrashedError, ActorUnavailableError) as e:
+                log.warning("worker died on a batch of %d (%s); retrying item by item", len(batch), type(e).__name__)
+                if len(batch) > 1:
+                    for it in batch:
+                        queue.append(([it], crashes))
+                elif crashes >= 1:
+                    res = [[_error_row(batch[0], "worker_crashed", f"{type(e).__name__}: {e}"[:500])]]
+                    progress.update(1)
+                    yield batch, res
+                else:
+                    queue.append((batch, crashes + 1))
+                submit()
+                continue
+            progress.update(len(batch))
+            yield batch, res
+            submit()
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
