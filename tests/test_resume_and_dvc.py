@@ -1,0 +1,149 @@
+"""Crash safety and incrementality, for real: SIGKILL mid-stage, and `dvc repro` on the sample."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import CACHE, PERSONA, REPO
+
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+
+def _synthetic_raw(sample_raw: Path, out: Path, n: int) -> Path:
+    """n distinct photos derived from the sample: crops, flips, scales (deterministic)."""
+    rng = np.random.default_rng(0)
+    photos = sorted((sample_raw / "sample").rglob("*.jp*g"))
+    for i in range(n):
+        src = photos[i % len(photos)]
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        x0, y0 = int(rng.integers(0, w // 5)), int(rng.integers(0, h // 5))
+        im = im.crop((x0, y0, w - int(rng.integers(0, w // 5)), h - int(rng.integers(0, h // 5))))
+        if i % 2:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        s = 0.6 + 0.8 * rng.random()
+        im = im.resize((max(80, int(im.width * s)), max(80, int(im.height * s))))
+        d = out / "sample" / f"person{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"img{i:04d}.jpg", quality=90)
+    (out / "unlabeled").mkdir(exist_ok=True)
+    return out
+
+
+def _params_file(tmp: Path, raw: Path) -> Path:
+    p = tmp / "params.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "runtime": {"executor": "ray", "part_size": 4, "progress": False},
+                "ingest": {
+                    "batch_size": 2,
+                    "sources": [
+                        {"name": "sample", "path": str(raw / "sample")},
+                        {"name": "unlabeled", "path": str(raw / "unlabeled"), "labeled": False},
+                    ],
+                },
+            }
+        )
+    )
+    return p
+
+
+def _stage(params: Path, root: Path, metrics: Path, name: str = "ingest", **kw) -> subprocess.Popen:
+    cmd = PERSONA + ["stage", name, "--params", str(params), "--root", str(root), "--metrics-dir", str(metrics)]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume_is_byte_identical(tmp_path, sample_raw):
+    raw = _synthetic_raw(sample_raw, tmp_path / "raw", 160)
+    params = _params_file(tmp_path, raw)
+
+    # uninterrupted reference run
+    ref = _stage(params, tmp_path / "ref", tmp_path / "ref_metrics")
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+
+    # a run killed with SIGKILL (whole process group: driver, raylet, workers) once parts exist
+    victim = _stage(params, tmp_path / "run", tmp_path / "run_metrics", start_new_session=True)
+    parts = tmp_path / "run" / "ingest" / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    n_parts = len(list(parts.glob("part-*.parquet")))
+    assert 3 <= n_parts < 40, f"kill landed outside the run ({n_parts} parts)"
+    assert not (tmp_path / "run" / "ingest" / "table.parquet").exists()
+
+    resumed = _stage(params, tmp_path / "run", tmp_path / "run_metrics")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    stats = json.loads((tmp_path / "run" / "ingest" / "last_run.json").read_text())
+    assert 0 < stats["computed"] < 160 and stats["cached"] + stats["computed"] == 160
+
+    a = (tmp_path / "ref" / "ingest" / "table.parquet").read_bytes()
+    b = (tmp_path / "run" / "ingest" / "table.parquet").read_bytes()
+    assert a == b, "resumed output differs from an uninterrupted run"
+    assert (tmp_path / "ref_metrics" / "ingest.json").read_bytes() == (tmp_path / "run_metrics" / "ingest.json").read_bytes()
+    t = pd.read_parquet(tmp_path / "run" / "ingest" / "table.parquet")
+    assert len(t) == 160 and t["key"].is_unique
+    # the journal itself holds no input twice
+    journal = pd.concat(pd.read_parquet(p) for p in sorted(parts.glob("part-*.parquet")))
+    assert journal["cache_key"].is_unique
+
+
+def _dvc_project(tmp: Path, sample_raw: Path) -> Path:
+    proj = tmp / "proj"
+    proj.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, proj / name)
+    for d in ("pipeline", "stages", "training"):
+        shutil.copytree(REPO / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(sample_raw, proj / "data" / "raw")
+    (proj / "data" / "cache").mkdir()
+    for f in CACHE.glob("*.tar.gz"):
+        shutil.copy(f, proj / "data" / "cache" / f.name)
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=proj, env=ENV, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=proj, env=ENV, check=True)
+    return proj
+
+
+def _item_stages(proj: Path) -> list[str]:
+    stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    return [s for s in stages if s not in ("sample",) and (proj / "data" / s / "last_run.json").exists()]
+
+
+@pytest.mark.slow
+def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
+    proj = _dvc_project(tmp_path, sample_raw)
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stages = _item_stages(proj)
+    assert {"ingest", "dedup"} <= set(stages)
+    stamps = {s: (proj / "data" / s / "last_run.json").stat().st_mtime_ns for s in stages}
+
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Running stage" not in r.stdout, r.stdout
+    assert all((proj / "data" / s / "last_run.json").stat().st_mtime_ns == stamps[s] for s in stages)
+
+    new = proj / "data" / "raw" / "sample" / "obama" / "obama_mirrored.jpg"
+    Image.open(proj / "data/raw/sample/obama/obama2.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new, quality=92)
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for s in stages:
+        run = json.loads((proj / "data" / s / "last_run.json").read_text())
+        assert run["computed"] == 1, (s, run)
