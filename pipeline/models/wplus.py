@@ -364,23 +364,31 @@ def build_random(num_layers: int = 50, stylegan_size: int = 1024,
         return Encoder4Editing(num_layers, stylegan_size)
 
 
+RANDOM_ARCH = {"encoder_type": "Encoder4Editing", "num_layers": 50, "mode": "ir_se", "stylegan_size": 1024}
+
+
+def model_info(cfg: WPlusConfig) -> ModelInfo:
+    """What `load(cfg)` will report, without building the network (for cache keys in the driver)."""
+    if cfg.checkpoint:
+        return ModelInfo(name="e4e-ffhq-encode", fingerprint=file_fingerprint(cfg.checkpoint),
+                         weights_real=True, license=LICENSE, source=str(cfg.checkpoint))
+    return ModelInfo(name="e4e-random", fingerprint=text_fingerprint("e4e-random", RANDOM_ARCH, RANDOM_INIT_SEED),
+                     weights_real=False, license=LICENSE, source="random-init")
+
+
 def load(cfg: WPlusConfig, device: Optional[str | torch.device] = None) -> WPlusEncoder:
     """Build the e4e encoder from cfg.checkpoint (official format), or random init when null."""
     dev = torch.device(device) if device is not None else default_device()
+    info = model_info(cfg)
     if cfg.checkpoint:
         ck = read_checkpoint(cfg.checkpoint)
         net = Encoder4Editing(50, ck.stylegan_size)
         load_encoder_state(net, ck.encoder_state)
-        info = ModelInfo(name="e4e-ffhq-encode", fingerprint=file_fingerprint(cfg.checkpoint),
-                         weights_real=True, license=LICENSE, source=str(cfg.checkpoint))
         latent_avg = ck.latent_avg
         if latent_avg is None:
             log.warning("e4e checkpoint %s has no latent_avg: codes are used without it", cfg.checkpoint)
     else:
-        arch = {"encoder_type": "Encoder4Editing", "num_layers": 50, "mode": "ir_se", "stylegan_size": 1024}
-        net = build_random(50, 1024, RANDOM_INIT_SEED)
+        net = build_random(RANDOM_ARCH["num_layers"], RANDOM_ARCH["stylegan_size"], RANDOM_INIT_SEED)
         latent_avg = torch.zeros(net.style_count, W_DIM)
-        info = ModelInfo(name="e4e-random", fingerprint=text_fingerprint("e4e-random", arch, RANDOM_INIT_SEED),
-                         weights_real=False, license=LICENSE, source="random-init")
     announce(info)
     return WPlusEncoder(net, latent_avg, info, cfg, dev)

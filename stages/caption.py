@@ -1,0 +1,57 @@
+"""caption: BLIP-2 captions of the in-the-wild crops.
+
+Backends (`caption.backend`): `transformers` (Blip2ForConditionalGeneration from a local folder,
+batched, GPU when present), `lavis` (salesforce-lavis in its own environment), `none` (no caption;
+rows say so with `caption_backend: none` and `caption_weights_real: false`). `auto` picks
+`transformers` when `caption.model_path` is set, else `none`.
+"""
+from __future__ import annotations
+
+import functools
+
+from pipeline.config import CaptionConfig, section_hash
+from pipeline.images import decode_image
+from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.store import ItemStore
+
+VERSION = "1"
+
+
+class _CaptionWorker:
+    def __init__(self, cfg: CaptionConfig, root: str):
+        from pipeline.models import caption
+
+        self.model = caption.load(cfg)
+        self.backend = caption.resolve_backend(cfg)
+        self.align = ItemStore(root, "align").blobs
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        images = [decode_image(self.align.get(it["wild_blob"])) for it in batch]
+        texts = self.model.caption(images)
+        info = self.model.info
+        return [
+            [{
+                "key": it["key"], "status": "ok", "error": "", "caption": t or "",
+                "caption_backend": self.backend, "caption_model": info.name,
+                "caption_fingerprint": info.fingerprint, "caption_weights_real": info.weights_real,
+            }]
+            for it, t in zip(batch, texts)
+        ]
+
+
+def model_info(cfg: CaptionConfig):
+    from pipeline.models import caption
+
+    return caption.model_info(cfg)
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.params.caption
+    store = ctx.store("caption")
+    inputs = face_inputs(ctx, columns=("wild_blob",))
+    info = model_info(cfg)
+    spec = StageSpec("caption", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    factory = functools.partial(_CaptionWorker, cfg, str(ctx.root))
+    table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
+    write_metrics(ctx.metrics_path("caption"), face_metrics("caption", inputs, table, info))
+    return stats.as_dict()

