@@ -87,7 +87,7 @@ class AlignConfig:
     wild_size: int = 512  # in-the-wild crop side
     wild_scale: float = 2.5  # in-the-wild crop side relative to the FFHQ quad side
     max_border_cut: float = 0.1  # fraction of the quad allowed outside the image before `cut_by_border`
-    transform_size: int = 4096
+    transform_size: int = 1024  # FFHQ supersampling size before the final resize (FFHQ: 4096 for 1024 px)
     batch_size: int = 4
     tile_min_side: int = 256  # mediapipe: smallest tile of the full-range detector pyramid; 0 = no tiling
     nms_iou: float = 0.3  # mediapipe: IoU above which detections from ranges/tiles are merged
@@ -131,18 +131,24 @@ class WPlusConfig:
 @dataclass
 class IdentityConfig:
     model_path: Optional[str] = None  # insightface ONNX or IResNet .pth; null -> bundled w600k_mbf
+    input_mean: Optional[float] = None  # null -> InsightFace rule (127.5, or 0 for MXNet-converted ONNX)
+    input_std: Optional[float] = None  # null -> InsightFace rule (127.5, or 1 for MXNet-converted ONNX)
     batch_size: int = 32
     num_gpus: float = 0.0
 
 
 @dataclass
 class ShardsConfig:
-    out: str = "data/shards"
+    # null -> <item store root>/shards (data/shards under DVC, DIR/shards for `persona build --out DIR`);
+    # a path here is used as is (relative to the working directory)
+    out: Optional[str] = None
+    required: list[str] = field(default_factory=lambda: ["masks", "wplus", "identity"])  # table missing -> error
+    optional: list[str] = field(default_factory=lambda: ["caption"])  # table missing -> joined without it, reported
     samples_per_shard: int = 1000
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # of labeled identities (hash of seed + identity); unlabeled faces stay in train
     seed: int = 0
-    jpeg_quality: int = 95
-    grid_size: int = 16
+    grid_size: int = 16  # faces in the sample grid (grid.png)
+    grid_tile: int = 128  # px per face in the grid
 
 
 @dataclass

@@ -59,8 +59,10 @@ def align_image(item: dict, rgb: np.ndarray, faces: list, cfg: AlignConfig, blob
         key = f"{item['image_id'][:16]}-{idx}"
         row = {**base, "key": key, "face_index": idx, "status": "ok", "error": "",
                "bbox": _r(f.bbox, 2), "score": round(float(f.score), 4)}
-        if f.lm5 is None:
-            rows.append({**row, "status": "no_landmarks", "error": "detector returned no 5-point landmarks"})
+        if f.lm5 is None or getattr(f, "landmarks_source", "") == "detector":
+            # MediaPipe: the mesh failed on this detection (often a false face); its 5 points would
+            # be guesses, so the face is recorded, not aligned.
+            rows.append({**row, "status": "no_landmarks", "error": "no dense landmarks for this detection"})
             continue
         lm5 = np.asarray(f.lm5, dtype=np.float64)
         quad = geom.ffhq_quad(lm5)

@@ -11,6 +11,7 @@ import functools
 
 from pipeline.config import CaptionConfig, section_hash
 from pipeline.images import decode_image
+from pipeline.models.base import announce
 from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
 from pipeline.store import ItemStore
 
@@ -50,6 +51,7 @@ def run(ctx: Context) -> dict:
     store = ctx.store("caption")
     inputs = face_inputs(ctx, columns=("wild_blob",))
     info = model_info(cfg)
+    announce(info)
     spec = StageSpec("caption", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
     factory = functools.partial(_CaptionWorker, cfg, str(ctx.root))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)

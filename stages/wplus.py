@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.config import WPlusConfig, section_hash
 from pipeline.images import decode_image
+from pipeline.models.base import announce
 from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
 from pipeline.store import BlobStore, ItemStore
 
@@ -55,6 +56,7 @@ def run(ctx: Context) -> dict:
     store = ctx.store("wplus")
     inputs = face_inputs(ctx, also=("masks",), columns=("face_blob", "masks.face_mask_blob"))
     info = wplus.model_info(cfg)
+    announce(info)
     spec = StageSpec("wplus", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
     factory = functools.partial(_WPlusWorker, cfg, str(ctx.root), str(store.dir))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
