@@ -132,7 +132,8 @@ def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
     r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     stages = _item_stages(proj)
-    assert {"ingest", "dedup"} <= set(stages)
+    assert {"ingest", "dedup", "align", "masks", "caption", "wplus", "identity"} <= set(stages)
+    _check_sample_shards(proj / "data" / "shards")
     stamps = {s: (proj / "data" / s / "last_run.json").stat().st_mtime_ns for s in stages}
 
     r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
@@ -144,6 +145,37 @@ def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
     Image.open(proj / "data/raw/sample/obama/obama2.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new, quality=92)
     r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    for s in stages:
+    for s in stages + ["shards"]:
         run = json.loads((proj / "data" / s / "last_run.json").read_text())
         assert run["computed"] == 1, (s, run)
+    index = json.loads((proj / "data" / "shards" / "index.json").read_text())
+    assert index["identities"]["obama"]["faces"] == 4
+
+
+def _check_sample_shards(shards: Path) -> None:
+    """The real sample in real shards: ArcFace separates Obama from Biden; the reader streams them."""
+    import torch
+
+    from pipeline.shards import make_dataset
+
+    samples = []
+    for split in ("train", "val"):
+        samples += list(make_dataset(shards, split))
+    emb = {}
+    for smp in samples:
+        meta = smp["json"]
+        assert smp["wplus.npy"].shape == (18, 512) and smp["wplus.npy"].dtype == np.float16
+        assert smp["id.npy"].shape == (512,) and smp["id.npy"].dtype == np.float32
+        assert smp["face.jpg"].shape == (512, 512, 3)
+        if meta.get("identity") in ("obama", "biden"):
+            emb.setdefault(meta["identity"], []).append(smp["id.npy"])
+    obama, biden = emb["obama"], emb["biden"]
+    assert len(obama) == 3 and len(biden) == 1
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert float(obama[i] @ obama[j]) > 0.5
+        assert float(obama[i] @ biden[0]) < 0.3
+    loader = torch.utils.data.DataLoader(make_dataset(shards, "train"), batch_size=None, num_workers=2)
+    keys = [smp["__key__"] for smp in loader]
+    n_train = sum(1 for smp in samples if smp["json"]["split"] == "train")
+    assert len(keys) == len(set(keys)) == n_train > 0

@@ -1,0 +1,904 @@
+"""WebDataset shards: join of the per-face tables, deterministic writer, streaming reader.
+
+Writer (`join_tables` -> `write_shards` -> `shard_metrics`)
+    Every `ok` align face is joined with its rows in the later stages (`STAGE_ORDER`). A face that
+    is missing from, or not `ok` in, a joined stage is excluded with reason `<stage>:<status>`
+    (`<stage>:missing`, `<stage>:blob_missing`, `<stage>:bad_shape` for rows whose blob is absent or
+    of the wrong shape), so faces in == written + sum(excluded). A stage listed in
+    `shards.required` must have a table (else FileNotFoundError); one in `shards.optional` may lack
+    one (caption disabled): the shards are written without it and the metrics say so.
+    Train/val are split BY IDENTITY: identity i goes to val when
+    u(i) = sha256(seed, i) / 2**64 < val_fraction (stable: adding identities never moves others);
+    with >= 2 labeled identities and val_fraction > 0 both splits get at least one identity.
+    Unlabeled faces (identity null) are always train. Within a split samples are sorted by key
+    and cut into `samples_per_shard` tars `<out>/<split>/<split>-NNNNNN.tar`, written member by
+    member with `tarfile` (mtime 0, uid/gid 0, empty user/group, mode 0644, USTAR): the same
+    inputs give the same bytes. Also `<out>/index.json` (per shard: file, samples, bytes, sha256;
+    per split and per identity counts; the input signature), `<out>/samples.tsv` (key, split,
+    shard, identity) and `<out>/grid.png`.
+
+Sample keys (members in this order): `jpg` in-the-wild crop (JPEG bytes as made by align),
+`face.jpg` aligned 512 face, `mask.png` face mask on the in-the-wild crop (uint8, 255 = face),
+`face_mask.png` face mask on the aligned face, `txt` caption (UTF-8, '' when none), `wplus.npy`
+float16 (18, 512), `id.npy` float32 (512,) L2-normalised, `json` metadata (key, identity, source,
+image_id, face_index, bbox [x0,y0,x1,y1] px, landmarks 5x2 px, landmarks_aligned 5x2 px in the
+aligned crop, quad 4x2 px, score, split, models{stage: {name, fingerprint, weights_real}}). The
+keys of a missing optional stage are absent (caption: `txt` is ''). `json` is written last, so a
+sample cut by a truncated tar is incomplete and dropped by the reader.
+
+Reader (`make_dataset`, open_clip style)
+    A declarative `webdataset.DataPipeline`: shard list -> split by node and worker -> tar
+    samples -> sample shuffle -> decode -> optional identity grouping. Errors are logged through
+    `logging` and skipped (`warn_and_continue`); tar files are always closed. Decoded samples hold
+    numpy arrays: images uint8 HxWx3 (RGB), masks uint8 HxW, `wplus.npy` float16 (18, 512),
+    `id.npy` float32 (512,), `json` dict, `txt` str; a torch DataLoader turns the arrays into
+    tensors (`default_convert`). Shuffling is deterministic: the shard order depends on
+    (seed, epoch) only (identical in every worker, so the worker split stays exact), the sample
+    buffer on (seed, epoch, rank, worker). `synthetic_samples` builds the same samples in memory.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import tarfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+
+from .config import ShardsConfig, section_hash
+from .images import decode_image, encode_jpeg, encode_png
+from .store import ItemStore, atomic_write_bytes, atomic_write_json, read_table
+
+VERSION = "1"
+log = logging.getLogger("persona.shards")
+
+STAGE_ORDER = ("masks", "caption", "wplus", "identity")  # joined after align, in this order
+SPLITS = ("train", "val")
+MEMBER_ORDER = ("jpg", "face.jpg", "mask.png", "face_mask.png", "txt", "wplus.npy", "id.npy", "json")
+REQUIRED_KEYS = ("jpg", "face.jpg", "json")  # the reader drops samples without these
+WPLUS_SHAPE = (18, 512)
+ID_SHAPE = (512,)
+
+# stage -> {blob column: sample key}
+BLOB_COLUMNS: dict[str, dict[str, str]] = {
+    "align": {"wild_blob": "jpg", "face_blob": "face.jpg"},
+    "masks": {"mask_blob": "mask.png", "face_mask_blob": "face_mask.png"},
+    "caption": {},
+    "wplus": {"wplus_blob": "wplus.npy"},
+    "identity": {"id_blob": "id.npy"},
+}
+NPY_SHAPES = {"wplus_blob": WPLUS_SHAPE, "id_blob": ID_SHAPE}
+# stage -> column prefix of its model identity (<p>_model or `detector`, <p>_fingerprint, <p>_weights_real)
+MODEL_PREFIX = {"align": "detector", "caption": "caption", "wplus": "wplus", "identity": "id"}
+
+
+# ============================================================================================
+# join
+
+
+@dataclass
+class Joined:
+    """The faces to shard and the accounting of the ones that are not."""
+
+    rows: list[dict]  # one per written face, sorted by key (blob paths absolute)
+    faces_in: int  # ok align faces
+    excluded: dict[str, list[str]]  # reason -> face keys
+    align_rejected: dict[str, int]  # non-ok align rows by status (not faces in: no_face, too_small, ...)
+    missing: list[str]  # optional stages without a table
+    stages: list[str]  # stages joined after align
+    signature: str  # hash of every joined row signature + params + VERSION
+
+
+def _py(v: Any) -> Any:
+    """numpy / pandas scalars -> plain Python; NaN -> None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _json_field(v: Any) -> Any:
+    v = _py(v)
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _identity(v: Any) -> str | None:
+    v = _py(v)
+    return None if v is None or v == "" else str(v)
+
+
+def _npy_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape from a .npy header without reading the data (None if not a readable .npy)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            if major == 1:
+                shape, _, _ = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(f)
+        return tuple(shape)
+    except Exception:
+        return None
+
+
+def _model(stage: str, row: dict) -> dict | None:
+    p = MODEL_PREFIX.get(stage)
+    if p is None:
+        return None
+    name = row.get("detector" if stage == "align" else f"{p}_model")
+    if _py(name) is None:
+        return None
+    real = _py(row.get(f"{p}_weights_real"))
+    return {"name": str(name), "fingerprint": _py(row.get(f"{p}_fingerprint")),
+            "weights_real": None if real is None else bool(real)}
+
+
+def _stages(cfg: ShardsConfig) -> list[str]:
+    unknown = [s for s in sorted(set(cfg.required) | set(cfg.optional)) if s not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"shards.required/optional: unknown stage(s) {unknown}; choose from {list(STAGE_ORDER)}")
+    both = sorted(set(cfg.required) & set(cfg.optional))
+    if both:
+        raise ValueError(f"shards: stage(s) {both} listed as both required and optional")
+    return [s for s in STAGE_ORDER if s in cfg.required or s in cfg.optional]
+
+
+def _table_digest(h: "hashlib._Hash", stage: str, df) -> None:
+    h.update(f"\x01{stage}\x00".encode())
+    if "sig" in df.columns:
+        for k, st, sg in zip(df["key"], df["status"], df["sig"]):
+            h.update(f"{k}\x00{st}\x00{sg}\x00".encode())
+    else:  # no per-row signature: hash every value
+        cols = sorted(df.columns)
+        for rec in df[cols].itertuples(index=False):
+            h.update(("\x00".join(map(str, rec)) + "\x02").encode())
+
+
+def params_signature(cfg: ShardsConfig) -> str:
+    """Hash of the shard params that change the output bytes (not `out`)."""
+    return section_hash(cfg, exclude=("out",))
+
+
+def join_tables(root: str | os.PathLike, cfg: ShardsConfig) -> Joined:
+    """Join align with the later stage tables; see the module docstring for the rules."""
+    root = Path(root)
+    stages = _stages(cfg)
+    align = read_table(root, "align")
+    h = hashlib.sha256(f"shards\x00{VERSION}\x00{params_signature(cfg)}\x00".encode())
+    _table_digest(h, "align", align)
+    tables: dict[str, dict[str, dict]] = {}
+    missing: list[str] = []
+    for stage in stages:
+        try:
+            df = read_table(root, stage)
+        except FileNotFoundError:
+            if stage in cfg.required:
+                raise FileNotFoundError(
+                    f"shards: the required stage table {root / stage / 'table.parquet'} is missing; run the "
+                    f"'{stage}' stage first, or list '{stage}' under shards.optional"
+                ) from None
+            log.warning("shards: optional stage '%s' has no table; shards are written without it", stage)
+            missing.append(stage)
+            h.update(f"\x01{stage}\x00missing".encode())
+            continue
+        _table_digest(h, stage, df)
+        tables[stage] = {r["key"]: r for r in df.to_dict("records")}
+
+    ok = align[align["status"] == "ok"].sort_values("key", kind="mergesort")
+    rejected = align[align["status"] != "ok"]["status"].astype(str).value_counts()
+    blobs = {s: ItemStore(root, s).blobs for s in ["align", *stages]}
+
+    def check_blobs(stage: str, row: dict, paths: dict[str, Path]) -> str | None:
+        for col, sample_key in BLOB_COLUMNS[stage].items():
+            rel = _py(row.get(col))
+            if not isinstance(rel, str) or not rel:
+                return f"{stage}:blob_missing"
+            p = blobs[stage].path(rel)
+            if not p.is_file():
+                return f"{stage}:blob_missing"
+            if col in NPY_SHAPES and _npy_shape(p) != NPY_SHAPES[col]:
+                return f"{stage}:bad_shape"
+            paths[sample_key] = p
+        return None
+
+    rows: list[dict] = []
+    excluded: dict[str, list[str]] = {}
+    for a in ok.to_dict("records"):
+        key = a["key"]
+        paths: dict[str, Path] = {}
+        models = {"detector": _model("align", a)}
+        reason = check_blobs("align", a, paths)
+        caption = ""
+        for stage in stages:
+            if reason:
+                break
+            if stage in missing:
+                continue
+            r = tables[stage].get(key)
+            if r is None:
+                reason = f"{stage}:missing"
+                break
+            if r.get("status") != "ok":
+                reason = f"{stage}:{r.get('status')}"
+                break
+            reason = check_blobs(stage, r, paths)
+            if stage == "caption":
+                caption = _py(r.get("caption")) or ""
+            if stage in MODEL_PREFIX:
+                models[stage] = _model(stage, r)
+        if reason:
+            excluded.setdefault(reason, []).append(key)
+            continue
+        meta = {
+            "key": key,
+            "identity": _identity(a.get("identity")),
+            "source": _py(a.get("source")),
+            "image_id": _py(a.get("image_id")),
+            "face_index": _py(a.get("face_index")),
+            "bbox": _json_field(a.get("bbox")),
+            "landmarks": _json_field(a.get("lm5")),
+            "quad": _json_field(a.get("quad")),
+            "score": _py(a.get("score")),
+            "models": models,
+        }
+        if "lm5_aligned" in a:
+            meta["landmarks_aligned"] = _json_field(a.get("lm5_aligned"))
+        if isinstance(meta["face_index"], float):
+            meta["face_index"] = int(meta["face_index"])
+        rows.append({"key": key, "identity": meta["identity"], "image_id": meta["image_id"],
+                     "caption": str(caption), "paths": paths, "meta": meta})
+    return Joined(
+        rows=rows,
+        faces_in=int(len(ok)),
+        excluded={k: excluded[k] for k in sorted(excluded)},
+        align_rejected={str(k): int(v) for k, v in sorted(rejected.items())},
+        missing=missing,
+        stages=stages,
+        signature=h.hexdigest()[:32],
+    )
+
+
+# ============================================================================================
+# split
+
+
+def identity_unit(identity: str, seed: int) -> float:
+    """Deterministic number in [0, 1) for an identity: sha256(seed, identity) / 2**64."""
+    d = hashlib.sha256(f"{seed}\x00{identity}".encode()).hexdigest()[:16]
+    return int(d, 16) / 2.0**64
+
+
+def split_identities(identities: Iterable[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """identity -> 'train' | 'val'. With >= 2 identities and val_fraction > 0 both splits are non-empty."""
+    ids = sorted(set(identities))
+    u = {i: identity_unit(i, seed) for i in ids}
+    out = {i: "val" if u[i] < val_fraction else "train" for i in ids}
+    if val_fraction > 0 and len(ids) >= 2:
+        if "val" not in out.values():
+            out[min(ids, key=lambda i: (u[i], i))] = "val"
+        if "train" not in out.values():
+            out[max(ids, key=lambda i: (u[i], i))] = "train"
+    return out
+
+
+def assign_splits(rows: Sequence[dict], val_fraction: float, seed: int) -> dict[str, str]:
+    """face key -> split; unlabeled faces always 'train'."""
+    by_id = split_identities((r["identity"] for r in rows if r["identity"] is not None), val_fraction, seed)
+    return {r["key"]: "train" if r["identity"] is None else by_id[r["identity"]] for r in rows}
+
+
+# ============================================================================================
+# writer
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def sample_members(row: dict, split: str) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of one face, in `MEMBER_ORDER`."""
+    p, key = row["paths"], row["key"]
+    data: dict[str, bytes] = {}
+    for k in ("jpg", "face.jpg", "mask.png", "face_mask.png"):
+        if k in p:
+            data[k] = p[k].read_bytes()
+    data["txt"] = row["caption"].encode("utf-8")
+    if "wplus.npy" in p:
+        w = np.load(p["wplus.npy"], allow_pickle=False)
+        data["wplus.npy"] = _npy_bytes(w.astype(np.float16).reshape(WPLUS_SHAPE))
+    if "id.npy" in p:
+        e = np.load(p["id.npy"], allow_pickle=False)
+        data["id.npy"] = _npy_bytes(e.astype(np.float32).reshape(ID_SHAPE))
+    data["json"] = _json_bytes({**row["meta"], "split": split})
+    return [(f"{key}.{k}", data[k]) for k in MEMBER_ORDER if k in data]
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def write_tar(path: str | os.PathLike, samples: Iterable[list[tuple[str, bytes]]]) -> tuple[int, str, int]:
+    """Write samples (lists of (name, bytes)) to a tar atomically; returns (samples, sha256, bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for members in samples:
+                    for name, data in members:
+                        tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n, h.hexdigest(), size
+
+
+def _read_index(out: Path) -> dict | None:
+    p = out / "index.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def previous_keys(out: str | os.PathLike) -> set[str]:
+    """Face keys of the shards written by the last completed run (empty when none)."""
+    p = Path(out) / "samples.tsv"
+    if not p.exists():
+        return set()
+    lines = p.read_text().splitlines()[1:]
+    return {ln.split("\t", 1)[0] for ln in lines if ln}
+
+
+def index_is_current(out: str | os.PathLike, signature: str) -> bool:
+    """True when `out` holds a complete run for this input signature (shards present, same sizes)."""
+    out = Path(out)
+    idx = _read_index(out)
+    if not idx or idx.get("signature") != signature or idx.get("version") != VERSION:
+        return False
+    if not (out / "samples.tsv").exists() or not (out / "grid.png").exists():
+        return False
+    for s in idx.get("shards", []):
+        p = out / s["file"]
+        if not p.is_file() or p.stat().st_size != s["bytes"]:
+            return False
+    return True
+
+
+def _remove_stale(out: Path, keep: set[str]) -> list[str]:
+    removed = []
+    for split in SPLITS:
+        d = out / split
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            rel = f"{split}/{p.name}"
+            stale_tar = p.suffix == ".tar" and rel not in keep
+            stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+            if p.is_file() and (stale_tar or stale_tmp):
+                p.unlink()
+                removed.append(rel)
+    return removed
+
+
+def _summary(values: list[int]) -> dict:
+    if not values:
+        return {"count": 0, "min": 0, "median": 0.0, "mean": 0.0, "max": 0}
+    a = np.asarray(values)
+    return {"count": int(a.size), "min": int(a.min()), "median": float(np.median(a)),
+            "mean": round(float(a.mean()), 3), "max": int(a.max())}
+
+
+def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, force: bool = False) -> tuple[dict, bool]:
+    """Write tars, samples.tsv, grid.png and index.json (last: the completion marker).
+
+    Returns (index, rewritten). Nothing is written when `out` already holds this input signature.
+    """
+    out = Path(out)
+    if not force and index_is_current(out, joined.signature):
+        log.info("shards: inputs unchanged (signature %s); keeping %s", joined.signature, out)
+        return _read_index(out), False
+    if cfg.samples_per_shard < 1:
+        raise ValueError("shards.samples_per_shard must be >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    split_of = assign_splits(joined.rows, cfg.val_fraction, cfg.seed)
+    shards: list[dict] = []
+    tsv = ["key\tsplit\tshard\tidentity"]
+    shard_of: dict[str, str] = {}
+    for split in SPLITS:
+        rows = [r for r in joined.rows if split_of[r["key"]] == split]  # already sorted by key
+        for i in range(0, len(rows), cfg.samples_per_shard):
+            chunk = rows[i : i + cfg.samples_per_shard]
+            rel = f"{split}/{split}-{i // cfg.samples_per_shard:06d}.tar"
+            n, sha, size = write_tar(out / rel, (sample_members(r, split) for r in chunk))
+            shards.append({"split": split, "file": rel, "samples": n, "bytes": size, "sha256": sha,
+                           "first_key": chunk[0]["key"], "last_key": chunk[-1]["key"]})
+            for r in chunk:
+                shard_of[r["key"]] = rel
+    removed = _remove_stale(out, {s["file"] for s in shards})
+    if removed:
+        log.info("shards: removed %d stale file(s): %s", len(removed), removed)
+    for r in joined.rows:
+        tsv.append(f"{r['key']}\t{split_of[r['key']]}\t{shard_of[r['key']]}\t{r['identity'] or ''}")
+
+    identities: dict[str, dict] = {}
+    for r in joined.rows:
+        if r["identity"] is None:
+            continue
+        d = identities.setdefault(r["identity"], {"split": split_of[r["key"]], "faces": 0, "_images": set()})
+        d["faces"] += 1
+        d["_images"].add(r["image_id"])
+    for d in identities.values():
+        d["images"] = len(d.pop("_images"))
+    splits = {}
+    for split in SPLITS:
+        keys = [r for r in joined.rows if split_of[r["key"]] == split]
+        splits[split] = {
+            "samples": len(keys),
+            "shards": sum(1 for s in shards if s["split"] == split),
+            "identities": sum(1 for d in identities.values() if d["split"] == split),
+            "unlabeled": sum(1 for r in keys if r["identity"] is None),
+        }
+    index = {
+        "version": VERSION,
+        "signature": joined.signature,
+        "params": {k: v for k, v in asdict(cfg).items() if k != "out"},
+        "sample_keys": list(MEMBER_ORDER),
+        "missing_optional_stages": joined.missing,
+        "splits": splits,
+        "shards": shards,
+        "identities": {k: identities[k] for k in sorted(identities)},
+    }
+    atomic_write_bytes(out / "samples.tsv", ("\n".join(tsv) + "\n").encode())
+    atomic_write_bytes(out / "grid.png", sample_grid(joined.rows, split_of, cfg.grid_size, cfg.grid_tile))
+    atomic_write_json(out / "index.json", index)
+    return index, True
+
+
+def shard_metrics(joined: Joined, index: dict) -> dict:
+    """DVC metrics: faces in == written + sum(excluded); identities and images per identity."""
+    written = {s: index["splits"][s]["samples"] for s in SPLITS}
+    excluded = {k: len(v) for k, v in joined.excluded.items()}
+    ids = index["identities"]
+    models: dict[str, list] = {}
+    for r in joined.rows:
+        for stage, m in r["meta"]["models"].items():
+            if m is not None and m not in models.setdefault(stage, []):
+                models[stage].append(m)
+    for stage in models:
+        models[stage].sort(key=lambda m: (m["name"], str(m["fingerprint"])))
+    metrics = {
+        "faces_in": joined.faces_in,
+        "written": {**written, "total": sum(written.values())},
+        "excluded": excluded,
+        "excluded_total": sum(excluded.values()),
+        "align_rejected": joined.align_rejected,
+        "identities": {s: index["splits"][s]["identities"] for s in SPLITS},
+        "unlabeled_faces": {s: index["splits"][s]["unlabeled"] for s in SPLITS},
+        "shards": {s: index["splits"][s]["shards"] for s in SPLITS},
+        "faces_per_identity": _summary([d["faces"] for d in ids.values()]),
+        "images_per_identity": _summary([d["images"] for d in ids.values()]),
+        "missing_optional_stages": joined.missing,
+        "models": models,
+        "all_weights_real": all(m.get("weights_real") is True for ms in models.values() for m in ms),
+    }
+    if metrics["written"]["total"] + metrics["excluded_total"] != joined.faces_in:
+        raise AssertionError(f"shards: {joined.faces_in} faces in != {metrics['written']['total']} written "
+                             f"+ {metrics['excluded_total']} excluded")
+    return metrics
+
+
+# ---- sample grid
+
+SPLIT_COLOURS = {"train": (0, 220, 90), "val": (255, 140, 0)}
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        cand = f"{cur} {word}".strip()
+        if draw.textlength(cand, font=font) <= width or not cur:
+            cur = cand
+        else:
+            lines.append(cur)
+            cur = word
+    if cur:
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
+    return lines
+
+
+def sample_grid(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, tile: int = 128) -> bytes:
+    """PNG bytes: up to n aligned faces (evenly spaced by key) with the face mask tinted in the
+    split colour (green train, orange val) and identity + caption below. Deterministic."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    sel = list(rows)
+    if len(sel) > n > 0:
+        picks = sorted({round(i * (len(sel) - 1) / max(1, n - 1)) for i in range(n)})
+        sel = [sel[i] for i in picks]
+    sel = sel[:n] if n > 0 else []
+    cols = max(1, math.ceil(math.sqrt(len(sel)))) if sel else 1
+    nrows = max(1, math.ceil(len(sel) / cols)) if sel else 1
+    font = ImageFont.load_default()
+    text_h = 4 * 12 + 4
+    canvas = Image.new("RGB", (cols * tile, nrows * (tile + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(sel):
+        face = Image.fromarray(decode_image(r["paths"]["face.jpg"].read_bytes())).convert("RGB")
+        face = face.resize((tile, tile), Image.Resampling.BILINEAR)
+        arr = np.asarray(face, dtype=np.float32)
+        colour = np.array(SPLIT_COLOURS[split_of[r["key"]]], dtype=np.float32)
+        if "face_mask.png" in r["paths"]:
+            m = Image.fromarray(decode_image(r["paths"]["face_mask.png"].read_bytes())).convert("L")
+            a = np.asarray(m.resize((tile, tile), Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255.0 * 0.4
+            arr = arr * (1 - a) + colour * a
+        x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
+        canvas.paste(Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8)), (x, y))
+        head = f"{r['identity'] or 'unlabeled'} [{split_of[r['key']]}]"
+        lines = [head[:40]] + _wrap(draw, r["caption"] or "(no caption)", font, tile - 4, 3)
+        for j, ln in enumerate(lines):
+            draw.text((x + 2, y + tile + 1 + 12 * j), ln, fill=(0, 0, 0), font=font)
+    return encode_png(np.asarray(canvas))
+
+
+# ============================================================================================
+# reader
+
+
+def warn_and_continue(exn: BaseException) -> bool:
+    """webdataset handler: log the error through `logging` and go on with the next sample/shard."""
+    log.warning("shards reader: skipping after %s: %s", type(exn).__name__, exn)
+    return True
+
+
+def shard_urls(src: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None) -> list[str]:
+    """Shard paths: a list as given; a shards folder -> its `index.json` shards of `split` (or
+    `<folder>/<split>/*.tar`, or `<folder>/*.tar`); a string pattern -> brace-expanded."""
+    if isinstance(src, (list, tuple)):
+        return [str(u) for u in src]
+    p = Path(src)
+    if p.is_dir():
+        idx = _read_index(p)
+        if idx is not None:
+            return [str(p / s["file"]) for s in idx["shards"] if split is None or s["split"] == split]
+        d = p / split if split and (p / split).is_dir() else p
+        return sorted(str(x) for x in d.glob("*.tar"))
+    return list(wds.shardlists.expand_urls(str(src)))
+
+
+def _seed(*parts: Any) -> int:
+    return int(hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16], 16)
+
+
+class SharedEpoch:
+    """Epoch counter shared with DataLoader workers (shared memory, so persistent workers see it)."""
+
+    def __init__(self, epoch: int = 0):
+        self._v = mp.Value("i", int(epoch), lock=False)
+
+    def set(self, epoch: int) -> None:
+        self._v.value = int(epoch)
+
+    def get(self) -> int:
+        return int(self._v.value)
+
+
+class _ShardList:
+    """First stage: dict(url=...) per shard, permuted by (seed, epoch) when `shuffle` (same in every worker)."""
+
+    def __init__(self, urls: list[str], shuffle: bool, seed: int, epoch: SharedEpoch):
+        self.urls, self.shuffle, self.seed, self.epoch = list(urls), shuffle, seed, epoch
+
+    def __call__(self) -> Iterator[dict]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(_seed("shards", self.seed, self.epoch.get())).shuffle(urls)
+        for u in urls:
+            yield {"url": u}
+
+
+class _ResampledShards:
+    """First stage: shards drawn with replacement forever; rng from (seed, epoch, rank, worker)."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: SharedEpoch):
+        self.urls, self.seed, self.epoch = list(urls), seed, epoch
+
+    def __call__(self) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(_seed("resample", self.seed, self.epoch.get(), rank, worker))
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+def _open(url: str):
+    if url.startswith("file:"):
+        url = url[5:]
+    if "://" in url or url.startswith("pipe:"):
+        return wds.gopen(url, "rb")
+    return open(url, "rb")
+
+
+def _split_name(name: str) -> tuple[str, str] | tuple[None, None]:
+    """'dir/abc-0.face.jpg' -> ('dir/abc-0', 'face.jpg') (extension = everything after the first dot)."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None, None
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def tar_samples(src: Iterable[dict], handler: Callable[[BaseException], bool] = warn_and_continue) -> Iterator[dict]:
+    """Shard dicts (url) -> samples {__key__, __url__, <ext>: bytes}. Each tar is closed when done
+    (also when the consumer stops early); a read error drops the sample being assembled."""
+    for shard in src:
+        url = shard["url"]
+        cur: dict | None = None
+        skip: str | None = None  # key of a sample dropped for a duplicate member
+        try:
+            with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+                for ti in tf:
+                    if not ti.isreg():
+                        continue
+                    key, ext = _split_name(ti.name)
+                    if key is None or (key.startswith("__") and key.endswith("__")) or key == skip:
+                        continue
+                    data = tf.extractfile(ti).read()
+                    tf.members = []
+                    if cur is not None and cur["__key__"] != key:
+                        yield cur
+                        cur = None
+                    if cur is None:
+                        cur = {"__key__": key, "__url__": url}
+                    if ext in cur:
+                        cur, skip = None, key
+                        if not handler(ValueError(f"duplicate member {ti.name} in {url}: sample {key} dropped")):
+                            return
+                        continue
+                    cur[ext] = data
+            if cur is not None:
+                yield cur
+        except Exception as exn:
+            dropped = f" (partial sample {cur['__key__']} dropped)" if cur else ""
+            exn.args = (f"{exn} @ {url}{dropped}",)
+            if not handler(exn):
+                break
+
+
+def _image_array(data: bytes) -> np.ndarray:
+    """Image bytes -> writable uint8 array (RGB HxWx3, grayscale HxW)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        return np.array(im)
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw sample -> numpy/str/dict values (see module docstring). Raises on missing keys or bad data."""
+    lacking = [k for k in REQUIRED_KEYS if k not in sample]
+    if lacking:
+        raise ValueError(f"sample {sample.get('__key__')} lacks {lacking}")
+    out: dict = {}
+    for k, v in sample.items():
+        if k.startswith("__"):
+            out[k] = v
+        elif k.endswith(("jpg", "jpeg", "png")):
+            out[k] = _image_array(v)
+        elif k.endswith("npy"):
+            a = np.load(io.BytesIO(v), allow_pickle=False)
+            out[k] = a if a.flags.writeable else a.copy()
+        elif k.endswith("json"):
+            out[k] = json.loads(v)
+        elif k.endswith("txt"):
+            out[k] = v.decode("utf-8")
+        else:
+            out[k] = v
+    if "wplus.npy" in out and out["wplus.npy"].shape != WPLUS_SHAPE:
+        raise ValueError(f"sample {sample.get('__key__')}: wplus shape {out['wplus.npy'].shape}")
+    if "id.npy" in out and out["id.npy"].shape != ID_SHAPE:
+        raise ValueError(f"sample {sample.get('__key__')}: id shape {out['id.npy'].shape}")
+    return out
+
+
+def map_samples(src: Iterable[dict], fn: Callable[[dict], dict], handler: Callable = warn_and_continue) -> Iterator[dict]:
+    for s in src:
+        try:
+            r = fn(s)
+        except Exception as exn:
+            exn.args = (f"{exn} (sample {s.get('__key__')} from {s.get('__url__')})",)
+            if handler(exn):
+                continue
+            break
+        yield r
+
+
+class _Shuffle:
+    """Buffer shuffle; rng from (seed, epoch, rank, worker) so each worker differs and reruns repeat."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: SharedEpoch):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(_seed("samples", self.seed, self.epoch.get(), rank, worker))
+        buf: list = []
+        for s in src:
+            buf.append(s)
+            if len(buf) >= self.bufsize:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+
+def _sample_identity(s: dict) -> str | None:
+    meta = s.get("json")
+    if isinstance(meta, (bytes, bytearray, str)):
+        meta = json.loads(meta)
+    return _identity((meta or {}).get("identity"))
+
+
+def group_identities(src: Iterable[dict], k: int) -> Iterator[list[dict]]:
+    """Yield lists of k samples of ONE identity, in the order groups fill up. Unlabeled faces are
+    dropped; leftovers (< k of an identity) at the end of the stream are dropped. Holds at most
+    (k - 1) samples per identity."""
+    buckets: dict[str, list[dict]] = {}
+    for s in src:
+        ident = _sample_identity(s)
+        if ident is None:
+            continue
+        b = buckets.setdefault(ident, [])
+        b.append(s)
+        if len(b) == k:
+            del buckets[ident]
+            yield b
+
+
+class ShardDataset(wds.DataPipeline):
+    """The reader pipeline; `set_epoch(e)` re-seeds shard and sample shuffling for epoch e."""
+
+    epoch: SharedEpoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+
+def make_dataset(
+    src: str | os.PathLike | Sequence[str | os.PathLike],
+    split: str | None = "train",
+    *,
+    decode: bool = True,
+    shuffle: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    resampled: bool = False,
+    group_by_identity: int = 0,
+    shardshuffle: bool | None = None,
+    handler: Callable[[BaseException], bool] = warn_and_continue,
+) -> ShardDataset:
+    """Stream shard samples (an IterableDataset for torch DataLoader).
+
+    src: shards folder (uses index.json / `<split>/`), list of tar paths, or a brace pattern.
+    shuffle: sample buffer size (0 = file order). shardshuffle: permute shards per epoch
+    (default: shuffle > 0). resampled: draw shards with replacement forever (use islice or
+    `.with_epoch(n)`; each worker its own stream; shardshuffle ignored). group_by_identity=K:
+    yield lists of K samples of one identity (unlabeled faces never). Without resampling, shards
+    are split across nodes and DataLoader workers, so each sample comes once per epoch.
+    """
+    urls = shard_urls(src, split)
+    if not urls:
+        raise ValueError(f"no shards found in {src!r} for split {split!r}")
+    ep = SharedEpoch(epoch)
+    stages: list = []
+    if resampled:
+        stages.append(_ResampledShards(urls, seed, ep))
+    else:
+        stages += [_ShardList(urls, bool(shuffle > 0 if shardshuffle is None else shardshuffle), seed, ep),
+                   wds.split_by_node, wds.split_by_worker]
+    stages.append(functools.partial(tar_samples, handler=handler))
+    if shuffle > 0:
+        stages.append(_Shuffle(shuffle, seed, ep))
+    if decode:
+        stages.append(functools.partial(map_samples, fn=decode_sample, handler=handler))
+    if group_by_identity > 0:
+        stages.append(functools.partial(group_identities, k=group_by_identity))
+    ds = ShardDataset(*stages)
+    ds.epoch = ep
+    return ds
+
+
+# ============================================================================================
+# synthetic samples (cheap training tests)
+
+
+def synthetic_samples(
+    n: int, identities: int = 4, seed: int = 0, size: int = 64, unlabeled: int = 0, encoded: bool = False
+) -> list[dict]:
+    """n in-memory samples with the shard keys, decoded like `make_dataset(decode=True)` output
+    (encoded=True: bytes like tar members). Faces cycle over `identities` ids ('synthetic_000', ...),
+    the last `unlabeled` are unlabeled; each identity has its own colour and a unit id embedding
+    near its own centre; wplus float16 (18, 512), id float32 (512,)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(identities, 1), ID_SHAPE[0])).astype(np.float32)
+    colours = rng.integers(40, 215, size=(max(identities, 1), 3))
+    yy, xx = np.mgrid[:size, :size]
+    ell = (((yy - size / 2) / (size * 0.35)) ** 2 + ((xx - size / 2) / (size * 0.28)) ** 2) <= 1
+    mask = (ell * 255).astype(np.uint8)
+    out = []
+    for i in range(n):
+        labeled = identities > 0 and i < n - unlabeled
+        c = i % identities if labeled else None
+        ident = f"synthetic_{c:03d}" if labeled else None
+        base = colours[c] if labeled else rng.integers(40, 215, size=3)
+        noise = rng.integers(-20, 21, size=(size, size, 3))
+        face = np.clip(np.where(ell[..., None], base, 255 - base) + noise, 0, 255).astype(np.uint8)
+        wild = np.clip(face.astype(np.int16)[::-1] // 2 + 64, 0, 255).astype(np.uint8)
+        e = (centres[c] if labeled else rng.standard_normal(ID_SHAPE[0])) + 0.3 * rng.standard_normal(ID_SHAPE[0])
+        e = (e / np.linalg.norm(e)).astype(np.float32)
+        w = rng.standard_normal(WPLUS_SHAPE).astype(np.float16)
+        key = f"{hashlib.sha256(f'synthetic{seed}-{i}'.encode()).hexdigest()[:16]}-0"
+        image_id = hashlib.sha256(f"synthetic{seed}-{i}".encode()).hexdigest()
+        meta = {"key": key, "identity": ident, "source": "synthetic", "image_id": image_id, "face_index": 0,
+                "bbox": [8.0, 8.0, size - 8.0, size - 8.0], "landmarks": [[0.0, 0.0]] * 5,
+                "landmarks_aligned": [[0.0, 0.0]] * 5, "quad": [[0.0, 0.0]] * 4, "score": 1.0, "split": "train",
+                "models": {s: {"name": "synthetic", "fingerprint": "synthetic", "weights_real": False}
+                           for s in ("detector", "caption", "wplus", "identity")}}
+        s = {"__key__": key, "jpg": wild, "face.jpg": face, "mask.png": mask, "face_mask.png": mask,
+             "txt": f"a photo of {ident or 'a person'}", "wplus.npy": w, "id.npy": e, "json": meta}
+        if encoded:
+            s = {"__key__": key, "jpg": encode_jpeg(wild), "face.jpg": encode_jpeg(face), "mask.png": encode_png(mask),
+                 "face_mask.png": encode_png(mask), "txt": s["txt"].encode(), "wplus.npy": _npy_bytes(w),
+                 "id.npy": _npy_bytes(e), "json": _json_bytes(meta)}
+        out.append(s)
+    return out
+
+
+def encoded_members(sample: dict) -> list[tuple[str, bytes]]:
+    """An encoded sample dict (bytes values) -> tar members in `MEMBER_ORDER` (for `write_tar`)."""
+    return [(f"{sample['__key__']}.{k}", sample[k]) for k in MEMBER_ORDER if k in sample]
