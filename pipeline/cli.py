@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+# Modules that add subcommands with `register(subparsers)` (looked up by name, imported lazily).
+COMMAND_MODULES = ("pipeline.jobs", "training.cli", "training.registry_cli", "benchmarks.cli")
+
 DATA_STAGES = ["ingest", "dedup", "align", "masks", "caption", "wplus", "identity", "shards"]
 
 
@@ -147,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stages", help="list the data stages in order")
     s.set_defaults(func=_cmd_stages)
+    for name in COMMAND_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(name).register(sub)
     return p
 
 
