@@ -195,3 +195,10 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         return np.asarray(im)
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """`np.save` bytes of an array (the format of every `.npy` blob and shard member)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr))
+    return buf.getvalue()

@@ -128,11 +128,13 @@ def map_batches(
     num_gpus: float = 0.0,
     workers: int | None = None,
     desc: str = "",
+    stats: dict | None = None,
 ) -> Iterator[tuple[list[dict], list[list[dict]]]]:
     """Yield (batch, results) pairs; results[i] is the list of output rows of batch[i].
 
     `factory()` is called once per worker (inside the Ray actor) and returns the batch function.
     With `cfg.executor == 'local'` everything runs in this process (same contract, no Ray).
+    `stats`, when given, receives `nodes`: {Ray node id: items processed there}.
     """
     cfg = cfg or RuntimeConfig()
     batches = _chunks(items, batch_size)
@@ -144,17 +146,20 @@ def map_batches(
             fn = factory()
             for b in batches:
                 res = process_batch(fn, b)
+                if stats is not None:
+                    stats.setdefault("nodes", {}).setdefault("local", 0)
+                    stats["nodes"]["local"] += len(b)
                 progress.update(len(b))
                 yield b, res
             return
-        yield from _map_ray(factory, batches, cfg, num_gpus, workers, progress)
+        yield from _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats)
     finally:
         progress.close()
 
 
-def _map_ray(factory, batches, cfg, num_gpus, workers, progress):
+def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
     import ray
-    from ray.exceptions import RayActorError, WorkerCrashedError, ActorUnavailableError
+    from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
     ensure_ray(cfg)
     resources = ray.cluster_resources()
@@ -167,54 +172,81 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress):
             workers = max(1, min(workers, int(gpus / use_gpus)))
     workers = max(1, min(workers, len(batches)))
 
-    @ray.remote(max_restarts=-1, max_task_retries=0)
-    class _Worker:  # noqa: D401 - a Ray actor
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class _Worker:  # a Ray actor: one model load, many batches
         def __init__(self, fac):
             self.fn = fac()
+            self.node_id = ray.get_runtime_context().get_node_id()
 
         def run(self, batch):
-            return process_batch(self.fn, batch)
+            return self.node_id, process_batch(self.fn, batch)
 
-        def node(self):
-            return ray.get_runtime_context().get_node_id()
+    def new_actor():
+        return _Worker.options(num_cpus=1, num_gpus=use_gpus).remote(factory)
 
-    # The factory is passed by value (small, picklable) so that restarted actors can rebuild it.
-    actors = [_Worker.options(num_cpus=1, num_gpus=use_gpus).remote(factory) for _ in range(workers)]
-    queue: deque[tuple[list[dict], int]] = deque((b, 0) for b in batches)  # (batch, crash count)
-    inflight: dict[Any, tuple[Any, list[dict], int]] = {}
-    per_actor = {i: 0 for i in range(len(actors))}
+    # Slots hold the live actor of each pool position; a dead actor is replaced by a fresh one.
+    actors = [new_actor() for _ in range(workers)]
+    generation = [0] * workers
+    load = [0] * workers  # batches in flight per slot
+    exclusive = [False] * workers  # slot runs a suspect item alone
+    queue: deque[list[dict]] = deque(batches)
+    suspects: deque[tuple[dict, int]] = deque()  # (item, crashes seen when run alone)
+    inflight: dict[Any, tuple[int, int, list[dict], int, bool]] = {}
     depth = 2  # batches queued per actor to hide latency
 
     def submit():
-        for i, a in enumerate(actors):
-            while per_actor[i] < depth and queue:
-                batch, crashes = queue.popleft()
-                ref = a.run.remote(batch)
-                inflight[ref] = (i, batch, crashes)
-                per_actor[i] += 1
+        for i in range(workers):
+            if exclusive[i]:
+                continue
+            if suspects and load[i] == 0:
+                item, crashes = suspects.popleft()
+                ref = actors[i].run.remote([item])
+                inflight[ref] = (i, generation[i], [item], crashes, True)
+                load[i] += 1
+                exclusive[i] = True
+                continue
+            while load[i] < depth and queue:
+                batch = queue.popleft()
+                ref = actors[i].run.remote(batch)
+                inflight[ref] = (i, generation[i], batch, 0, False)
+                load[i] += 1
 
     try:
         submit()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
-            i, batch, crashes = inflight.pop(ref)
-            per_actor[i] -= 1
+            i, gen, batch, crashes, alone = inflight.pop(ref)
+            if gen == generation[i]:
+                load[i] -= 1
+                if alone:
+                    exclusive[i] = False
             try:
-                res = ray.get(ref)
+                node, res = ray.get(ref)
             except (RayActorError, WorkerCrashedError, ActorUnavailableError) as e:
-                log.warning("worker died on a batch of %d (%s); retrying item by item", len(batch), type(e).__name__)
-                if len(batch) > 1:
-                    for it in batch:
-                        queue.append(([it], crashes))
-                elif crashes >= 1:
+                if gen == generation[i]:  # replace the dead actor once
+                    try:
+                        ray.kill(actors[i], no_restart=True)
+                    except Exception:
+                        pass
+                    actors[i] = new_actor()
+                    generation[i] += 1
+                    load[i] = 0
+                    exclusive[i] = False
+                if alone and crashes >= 1:
+                    log.warning("item %s killed its worker twice: recorded as worker_crashed", batch[0].get("key"))
                     res = [[_error_row(batch[0], "worker_crashed", f"{type(e).__name__}: {e}"[:500])]]
                     progress.update(1)
                     yield batch, res
                 else:
-                    queue.append((batch, crashes + 1))
+                    log.warning("worker died with a batch of %d (%s); retrying each item alone", len(batch), type(e).__name__)
+                    for it in batch:
+                        suspects.append((it, crashes + 1 if alone else 0))
                 submit()
                 continue
+            if stats is not None:
+                nodes = stats.setdefault("nodes", {})
+                nodes[node] = nodes.get(node, 0) + len(batch)
             progress.update(len(batch))
             yield batch, res
             submit()

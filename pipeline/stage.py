@@ -104,8 +104,9 @@ def run_item_stage(
     buffer: list[dict] = []
     pending_inputs = 0
     last_commit = time.monotonic()
+    run_info: dict = {}
     for batch, results in map_batches(
-        factory, todo, spec.batch_size, runtime, num_gpus=spec.num_gpus, desc=spec.name
+        factory, todo, spec.batch_size, runtime, num_gpus=spec.num_gpus, desc=spec.name, stats=run_info
     ):
         for item, rows in zip(batch, results):
             if not rows:
@@ -130,7 +131,7 @@ def run_item_stage(
         seconds=time.perf_counter() - t0,
         counts=status_counts(table),
     )
-    store.write_last_run(stats.as_dict())
+    store.write_last_run({**stats.as_dict(), "nodes": run_info.get("nodes", {})})
     log.info("%s: done in %.1fs: %s", spec.name, stats.seconds, stats.counts)
     return table, stats
 
@@ -171,3 +172,22 @@ def face_metrics(stage: str, inputs: list[dict], table: pd.DataFrame, info=None,
     if sum(counts.values()) != len(inputs):
         raise AssertionError(f"{stage}: {len(inputs)} faces in but {sum(counts.values())} rows out")
     return m
+
+
+def array_rows(batch: list[dict], arrays, blobs, prefix: str, info) -> list[list[dict]]:
+    """One `ok` row per input holding its array as a float32 `.npy` blob plus the model identity.
+
+    Columns: `<prefix>_blob`, `<prefix>_model`, `<prefix>_fingerprint`, `<prefix>_weights_real`.
+    """
+    import numpy as np
+
+    from .images import encode_npy
+
+    return [
+        [{
+            "key": it["key"], "status": "ok", "error": "",
+            f"{prefix}_blob": blobs.put(it["cache_key"], f"{it['key']}.{prefix}.npy", encode_npy(np.asarray(a, dtype=np.float32))),
+            f"{prefix}_model": info.name, f"{prefix}_fingerprint": info.fingerprint, f"{prefix}_weights_real": info.weights_real,
+        }]
+        for it, a in zip(batch, arrays)
+    ]

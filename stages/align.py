@@ -10,13 +10,12 @@ dense mesh (`mesh.npy`, original-image pixels).
 from __future__ import annotations
 
 import functools
-import io
 import logging
 
 import numpy as np
 
 from pipeline.config import AlignConfig, IngestConfig, section_hash
-from pipeline.images import encode_jpeg, load_rgb
+from pipeline.images import encode_jpeg, encode_npy, load_rgb
 from pipeline.models import align as geom
 from pipeline.stage import Context, StageSpec, run_item_stage, write_metrics
 from pipeline.store import BlobStore, read_table, status_counts
@@ -81,9 +80,7 @@ def align_image(item: dict, rgb: np.ndarray, faces: list, cfg: AlignConfig, blob
         row["face_blob"] = blobs.put(ck, f"{key}.face.jpg", encode_jpeg(aligned, 95))
         row["wild_blob"] = blobs.put(ck, f"{key}.wild.jpg", encode_jpeg(wild, 95))
         if f.mesh is not None:
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(f.mesh, dtype=np.float32))
-            row["mesh_blob"] = blobs.put(ck, f"{key}.mesh.npy", buf.getvalue())
+            row["mesh_blob"] = blobs.put(ck, f"{key}.mesh.npy", encode_npy(np.asarray(f.mesh, dtype=np.float32)))
         row["align_matrix"] = _r(tf.matrix, 8)
         row["wild_matrix"] = _r(wild_matrix(quad, cfg.wild_scale, cfg.wild_size), 8)
         row["lm5_aligned"] = _r(tf.forward(lm5))

@@ -7,7 +7,6 @@ any insightface ONNX or IResNet `.pth` by `identity.model_path`. Blob `id.npy`: 
 from __future__ import annotations
 
 import functools
-import io
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from pipeline.config import IdentityConfig, section_hash
 from pipeline.images import decode_image
 from pipeline.models import align as geom
-from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.stage import Context, StageSpec, array_rows, face_inputs, face_metrics, run_item_stage, write_metrics
 from pipeline.store import BlobStore, ItemStore
 
 VERSION = "1"
@@ -35,17 +34,7 @@ class _IdentityWorker:
             face = decode_image(self.align_blobs.get(it["face_blob"]))
             crops.append(geom.arcface_align(face, np.asarray(json.loads(it["lm5_aligned"]))))
         emb = self.model.embed(np.stack(crops))
-        info = self.model.info
-        out = []
-        for it, e in zip(batch, emb):
-            buf = io.BytesIO()
-            np.save(buf, e.astype(np.float32))
-            out.append([{
-                "key": it["key"], "status": "ok", "error": "",
-                "id_blob": self.blobs.put(it["cache_key"], f"{it['key']}.id.npy", buf.getvalue()),
-                "id_model": info.name, "id_fingerprint": info.fingerprint, "id_weights_real": info.weights_real,
-            }])
-        return out
+        return array_rows(batch, emb, self.blobs, "id", self.model.info)
 
 
 def run(ctx: Context) -> dict:

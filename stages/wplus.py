@@ -7,14 +7,11 @@ Blob `wplus.npy`: float32 (18, 512) (the shards store float16).
 from __future__ import annotations
 
 import functools
-import io
-
-import numpy as np
 
 from pipeline.config import WPlusConfig, section_hash
 from pipeline.images import decode_image
 from pipeline.models.base import announce
-from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.stage import Context, StageSpec, array_rows, face_inputs, face_metrics, run_item_stage, write_metrics
 from pipeline.store import BlobStore, ItemStore
 
 VERSION = "1"
@@ -36,17 +33,7 @@ class _WPlusWorker:
         if self.cfg.whiten_background:
             keep = [decode_image(self.masks.get(it["masks.face_mask_blob"])) for it in batch]
         codes = self.model.encode(faces, keep_masks=keep)
-        info = self.model.info
-        out = []
-        for it, w in zip(batch, codes):
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(w, dtype=np.float32))
-            out.append([{
-                "key": it["key"], "status": "ok", "error": "",
-                "wplus_blob": self.blobs.put(it["cache_key"], f"{it['key']}.wplus.npy", buf.getvalue()),
-                "wplus_model": info.name, "wplus_fingerprint": info.fingerprint, "wplus_weights_real": info.weights_real,
-            }])
-        return out
+        return array_rows(batch, codes, self.blobs, "wplus", self.model.info)
 
 
 def run(ctx: Context) -> dict:
