@@ -5,9 +5,11 @@ streams results back to the caller in completion order, shows progress (items/s,
 failures into per-item error rows instead of crashing:
 - an exception for a batch -> each item is retried alone; one that still fails gets
   status `error` and the exception text;
-- a worker process that dies (segfault, OOM, lost node) -> the actor is restarted by Ray and its
+- a worker process that dies (segfault, OOM, lost node) -> a new actor replaces it and its
   in-flight batches are retried item by item; an item that kills its worker again gets
-  `worker_crashed`.
+  `worker_crashed`. A replacement gets work only once it is up, so one that cannot be placed (its
+  node is gone) never blocks the run: the surviving actors finish the work;
+- a worker whose factory raises (a model that cannot load) -> RuntimeError, the stage stops.
 Nothing is committed by the workers: the driver receives each result exactly once.
 """
 from __future__ import annotations
@@ -178,15 +180,23 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
             self.fn = fac()
             self.node_id = ray.get_runtime_context().get_node_id()
 
+        def ready(self):
+            return self.node_id
+
         def run(self, batch):
             return self.node_id, process_batch(self.fn, batch)
 
     def new_actor():
         return _Worker.options(num_cpus=1, num_gpus=use_gpus).remote(factory)
 
-    # Slots hold the live actor of each pool position; a dead actor is replaced by a fresh one.
+    # Slots hold the actor of each pool position; a dead actor is replaced by a fresh one. The first
+    # actors fit the cluster's resources and get work at once; a replacement gets work only once it
+    # is up, so one that cannot be placed (its node is gone, the others are full) never holds
+    # batches back: the live actors finish the queue.
     actors = [new_actor() for _ in range(workers)]
     generation = [0] * workers
+    up = [True] * workers
+    starting: dict[Any, tuple[int, int]] = {}  # ready() refs of replacements
     load = [0] * workers  # batches in flight per slot
     exclusive = [False] * workers  # slot runs a suspect item alone
     queue: deque[list[dict]] = deque(batches)
@@ -194,9 +204,21 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
     inflight: dict[Any, tuple[int, int, list[dict], int, bool]] = {}
     depth = 2  # batches queued per actor to hide latency
 
+    def replace(i):
+        try:
+            ray.kill(actors[i], no_restart=True)
+        except Exception:
+            pass
+        for r in [r for r, (j, _) in starting.items() if j == i]:
+            del starting[r]
+        actors[i] = new_actor()
+        generation[i] += 1
+        up[i], load[i], exclusive[i] = False, 0, False
+        starting[actors[i].ready.remote()] = (i, generation[i])
+
     def submit():
         for i in range(workers):
-            if exclusive[i]:
+            if exclusive[i] or not up[i]:
                 continue
             if suspects and load[i] == 0:
                 item, crashes = suspects.popleft()
@@ -213,9 +235,32 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
 
     try:
         submit()
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+        while inflight or queue or suspects:
+            if not (inflight or starting):  # pragma: no cover - every slot is up (busy) or starting
+                raise RuntimeError("no worker left to run the remaining batches")
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=60.0)
+            if not ready:
+                log.warning(
+                    "no result for 60 s: %d of %d workers up, %d batches waiting (a worker may be "
+                    "waiting for a node with free resources)", sum(up), workers, len(queue) + len(suspects),
+                )
+                continue
             ref = ready[0]
+            if ref in starting:  # an actor came up, or failed to
+                i, gen = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise RuntimeError(f"worker failed to start: {e}") from e
+                    log.warning("worker lost while starting (%s); starting another", type(e).__name__)
+                    if gen == generation[i]:
+                        replace(i)
+                    continue
+                if gen == generation[i]:
+                    up[i] = True
+                    submit()
+                continue
             i, gen, batch, crashes, alone = inflight.pop(ref)
             if gen == generation[i]:
                 load[i] -= 1
@@ -224,15 +269,10 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
             try:
                 node, res = ray.get(ref)
             except (RayActorError, WorkerCrashedError, ActorUnavailableError) as e:
+                if getattr(e, "actor_init_failed", False):
+                    raise RuntimeError(f"worker failed to start: {e}") from e
                 if gen == generation[i]:  # replace the dead actor once
-                    try:
-                        ray.kill(actors[i], no_restart=True)
-                    except Exception:
-                        pass
-                    actors[i] = new_actor()
-                    generation[i] += 1
-                    load[i] = 0
-                    exclusive[i] = False
+                    replace(i)
                 if alone and crashes >= 1:
                     log.warning("item %s killed its worker twice: recorded as worker_crashed", batch[0].get("key"))
                     res = [[_error_row(batch[0], "worker_crashed", f"{type(e).__name__}: {e}"[:500])]]
