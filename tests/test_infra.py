@@ -1,0 +1,263 @@
+"""infra/: the manifests parse, carry what KubeRay needs, and only run `persona` commands that exist."""
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import DATA_STAGES, build_parser
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+K8S = INFRA / "k8s"
+PYPROJECT = INFRA.parent / "pyproject.toml"
+SEPARATORS = {"&&", "||", ";", "|", "&", "\n"}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _all_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in sorted(K8S.glob("*.yaml")) for d in _docs(p)]
+
+
+def _pins() -> dict[str, str]:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    out = {}
+    for d in deps:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.+-]+)", d.strip())
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def _cluster_specs() -> list[tuple[str, dict]]:
+    """(where, RayClusterSpec) for every RayCluster and every RayJob that brings its own cluster."""
+    out = []
+    for p, d in _all_docs():
+        if d["kind"] == "RayCluster":
+            out.append((f"{p.name}:{d['metadata']['name']}", d["spec"]))
+        elif d["kind"] == "RayJob" and "rayClusterSpec" in d["spec"]:
+            out.append((f"{p.name}:{d['metadata']['name']}", d["spec"]["rayClusterSpec"]))
+    return out
+
+
+def _containers(template: dict) -> list[dict]:
+    return template["spec"]["containers"]
+
+
+def _gpus(container: dict) -> int:
+    res = container.get("resources", {})
+    return int(res.get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def _subcommands() -> dict[str, object]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(action.choices)
+
+
+def persona_commands(cmd: str) -> list[list[str]]:
+    """Every `persona ...` argv a shell command line runs (through `bash -c`, `&&`, `;`, `--`)."""
+    cmd = re.sub(r"(^|[ \t])#[^\n]*", r"\1", cmd, flags=re.M)  # shell comments (keeps the newline)
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars="();<>|&\n")
+    lex.whitespace = " \t\r"  # newlines separate commands
+    lex.whitespace_split = True
+    lex.commenters = ""
+    tokens = list(lex)
+    segments, cur = [], []
+    for t in tokens:
+        if t in SEPARATORS:
+            segments.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    segments.append(cur)
+    found = []
+    for seg in segments:
+        while seg and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", seg[0]):  # VAR=value prefixes
+            seg = seg[1:]
+        if not seg:
+            continue
+        if seg[0] in ("bash", "sh") and "-c" in seg:
+            found += persona_commands(seg[seg.index("-c") + 1])
+        elif seg[0] == "persona":
+            found.append(seg)
+            if "--" in seg:  # `persona jobs submit ... -- persona stage ...`
+                found += persona_commands(shlex.join(seg[seg.index("--") + 1 :]))
+    return found
+
+
+def _check_command(argv: list[str], where: str) -> None:
+    subs = _subcommands()
+    assert len(argv) >= 2, f"{where}: bare `persona`"
+    name = argv[1]
+    assert name in subs, f"{where}: `persona {name}` is not a subcommand ({sorted(subs)})"
+    if name == "stage":
+        assert argv[2] in DATA_STAGES, f"{where}: `persona stage {argv[2]}` is not a data stage"
+    try:
+        build_parser().parse_args(argv[1:])
+    except SystemExit as e:  # argparse rejects it
+        pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse ({e})")
+
+
+def test_persona_commands_parser_itself():
+    cmd = 'bash -c "set -e; persona stage ingest --params p.yaml && X=1 persona stage dedup; echo persona done"'
+    assert persona_commands(cmd) == [["persona", "stage", "ingest", "--params", "p.yaml"], ["persona", "stage", "dedup"]]
+    nested = "persona jobs submit --address http://h:8265 -- persona train --stage 2"
+    assert [c[:2] for c in persona_commands(nested)] == [["persona", "jobs"], ["persona", "train"]]
+    assert persona_commands("persona stages  # list\npersona sample") == [["persona", "stages"], ["persona", "sample"]]
+    assert persona_commands("kubectl -n persona create secret generic x") == []
+
+
+def test_every_manifest_parses_and_names_itself():
+    docs = _all_docs()
+    assert {p.name for p, _ in docs} >= {
+        "raycluster.yaml", "rayjob-build.yaml", "rayjob-train-stage1.yaml", "rayjob-train-stage2.yaml", "mlflow.yaml", "storage.yaml",
+    }
+    for p, d in docs:
+        assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), f"{p.name}: {d}"
+    names = [(d["kind"], d["metadata"]["name"]) for _, d in docs]
+    assert len(names) == len(set(names)), "two objects share a kind and name"
+
+
+def test_ray_clusters_have_the_kuberay_fields():
+    ray_pin = _pins()["ray"]
+    specs = _cluster_specs()
+    assert len(specs) == 3  # the RayCluster and the two training RayJobs
+    images = set()
+    for where, spec in specs:
+        assert spec["rayVersion"] == ray_pin, f"{where}: rayVersion != pyproject's ray {ray_pin}"
+        assert spec["authOptions"]["mode"] == "token", f"{where}: token authentication must stay on"
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict)
+        for c in _containers(head["template"]):
+            assert c["image"], where
+            images.add(c["image"])
+        assert spec["workerGroupSpecs"], f"{where}: no worker group"
+        for g in spec["workerGroupSpecs"]:
+            assert g["groupName"] and isinstance(g["rayStartParams"], dict), where
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{where}/{g['groupName']}: replica bounds"
+            for c in _containers(g["template"]):
+                assert c["image"], where
+                images.add(c["image"])
+    assert len(images) == 1, f"Ray pods run different images: {images}"
+
+
+def test_long_lived_cluster_autoscales_cpu_and_gpu_groups():
+    (rc,) = [d for _, d in _docs_of("raycluster.yaml") if d["kind"] == "RayCluster"]
+    assert rc["apiVersion"] == "ray.io/v1"
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    gpu = [g for g in groups.values() if any(_gpus(c) >= 1 for c in _containers(g["template"]))]
+    cpu = [g for g in groups.values() if all(_gpus(c) == 0 for c in _containers(g["template"]))]
+    assert gpu and cpu, "need a GPU worker group and a CPU worker group"
+    for g in gpu:
+        for c in _containers(g["template"]):
+            assert int(c["resources"]["requests"].get("nvidia.com/gpu", 0)) == _gpus(c), "GPU request != limit"
+    assert all(g["maxReplicas"] > g["minReplicas"] for g in groups.values()), "a group cannot scale"
+
+
+def _docs_of(name: str) -> list[tuple[Path, dict]]:
+    return [(K8S / name, d) for d in _docs(K8S / name)]
+
+
+def test_rayjobs_have_an_entrypoint_and_a_cluster():
+    clusters = {d["metadata"]["name"] for _, d in _all_docs() if d["kind"] == "RayCluster"}
+    jobs = [(p, d) for p, d in _all_docs() if d["kind"] == "RayJob"]
+    assert {d["metadata"]["name"] for _, d in jobs} >= {"persona-build", "persona-train-stage1", "persona-train-stage2"}
+    for p, d in jobs:
+        spec = d["spec"]
+        assert d["apiVersion"] == "ray.io/v1"
+        assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip(), p.name
+        assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), f"{p.name}: exactly one of rayClusterSpec/clusterSelector"
+        if "clusterSelector" in spec:
+            assert spec["clusterSelector"].get("ray.io/cluster") in clusters, f"{p.name}: selects no RayCluster defined here"
+            assert not spec.get("shutdownAfterJobFinishes"), f"{p.name}: must not delete a shared cluster"
+        if "runtimeEnvYAML" in spec:
+            assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+
+
+def test_training_jobs_run_on_gpus():
+    for stage in (1, 2):
+        (_, job), = _docs_of(f"rayjob-train-stage{stage}.yaml")
+        cmds = persona_commands(job["spec"]["entrypoint"])
+        assert cmds and cmds[0][:2] == ["persona", "train"] and ["--stage", str(stage)] == cmds[0][2:4]
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        gpus = sum(g["replicas"] * max(_gpus(c) for c in _containers(g["template"])) for g in groups)
+        # the trainer runs in the entrypoint process: it must hold a GPU the cluster has
+        assert 1 <= job["spec"]["entrypointNumGpus"] <= gpus
+
+
+def test_pods_mount_the_shared_volume():
+    claims = {d["metadata"]["name"] for _, d in _docs_of("storage.yaml") if d["kind"] == "PersistentVolumeClaim"}
+    (_, pvc), = [(p, d) for p, d in _docs_of("storage.yaml") if d["kind"] == "PersistentVolumeClaim"]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    for where, spec in _cluster_specs():
+        for tmpl in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+            for c in _containers(tmpl):
+                data = [m for m in c["volumeMounts"] if m["mountPath"] == "/app/data"]
+                assert data, f"{where}: a Ray container without /app/data"
+                assert vols[data[0]["name"]]["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_every_persona_command_in_manifests_and_docs_exists():
+    checked = 0
+    for p, d in _all_docs():
+        if d["kind"] == "RayJob":
+            cmds = persona_commands(d["spec"]["entrypoint"])
+            assert cmds, f"{p.name}: the entrypoint runs no persona command"
+            for argv in cmds:
+                _check_command(argv, p.name)
+                checked += 1
+    for doc in (INFRA / "README.md", INFRA / "dvc-remote.md"):
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for argv in persona_commands(block.replace("\\\n", " ")):
+                _check_command(argv, doc.name)
+                checked += 1
+    assert checked >= 12
+
+
+def test_mlflow_stack_wiring():
+    docs = [d for _, d in _docs_of("mlflow.yaml")]
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    assert {"mlflow", "minio"} <= set(by_kind["Deployment"]) and "postgres" in by_kind["StatefulSet"]
+    assert {"mlflow", "minio", "postgres"} <= set(by_kind["Service"])
+    secrets = set(by_kind["Secret"])
+    workloads = list(by_kind["Deployment"].values()) + list(by_kind["StatefulSet"].values()) + list(by_kind.get("Job", {}).values())
+    for w in workloads:  # every Secret a pod reads is defined here
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+            refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+            assert set(refs) <= secrets, f"{w['metadata']['name']}: unknown secret {set(refs) - secrets}"
+    for name, svc in by_kind["Service"].items():  # every Service selects pods defined here
+        sel = svc["spec"]["selector"].items()
+        assert any(sel <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads), f"Service {name} selects nothing"
+    (mlflow,) = by_kind["Deployment"]["mlflow"]["spec"]["template"]["spec"]["containers"]
+    args = " ".join(mlflow["args"])
+    assert "--backend-store-uri=postgresql://" in args and "@postgres:5432/" in args
+    assert "--artifacts-destination=s3://" in args
+    assert any(e.get("name") == "MLFLOW_S3_ENDPOINT_URL" and "minio:9000" in e.get("value", "") for e in mlflow["env"])
+
+
+def test_dockerfile_pins_match_pyproject():
+    pins = _pins()
+    text = (INFRA / "Dockerfile").read_text()
+    for pkg in ("torch", "torchvision"):
+        found = set(re.findall(rf"(?<![\w-]){pkg}==([\w.+-]+)", text))
+        assert found == {pins[pkg]}, f"Dockerfile pins {pkg} {found}, pyproject {pins[pkg]}"
+    assert re.search(r"^FROM .*cuda.*runtime", text, flags=re.M | re.I) or "ARG CUDA_IMAGE=nvidia/cuda:" in text
+    assert "python3.11" in text and 'ENTRYPOINT ["persona"]' in text
+    assert "pyproject.toml" in text  # the rest of the pins come from pyproject itself
+    ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
+    assert {".git", ".venv", "data", "tests/.cache"} <= set(ignore)
+    mlflow = (INFRA / "mlflow.Dockerfile").read_text()
+    assert f"mlflow=={pins['mlflow']}" in mlflow

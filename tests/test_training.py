@@ -1,0 +1,333 @@
+"""W+ Adapter training end to end on the tiny model (CPU): the real `train()` / `persona train`
+entry point on synthetic and real shards, Stage II from Stage I, MLflow contents and lineage, and
+SIGKILL + resume giving the same adapter as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.shards import encoded_members, synthetic_samples, write_tar
+from training.adapters import read_adapter_file
+from training.config import train_params
+from training.data import (
+    NEUTRAL_PROMPTS,
+    MemorySource,
+    ShardIndex,
+    StepBatches,
+    WPlusDataModule,
+    choose_crop,
+    stage2_example,
+)
+from training.tracking import shards_hash
+from training.train import find_checkpoint, prune_checkpoints, train
+
+from tests.conftest import PERSONA, REPO
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def make_params(tmp: Path, mlflow: bool = False, **sections) -> dict:
+    """Raw params: tiny model, paths under tmp, small batches; `sections` deep-merged on top."""
+    d = {
+        "train": {
+            "synthetic": 8, "num_workers": 0, "threads": 1, "resolution": 64,
+            "out_dir": str(tmp / "models" / "wplus"), "checkpoints_dir": str(tmp / "checkpoints"),
+            "metrics_dir": str(tmp / "metrics"), "plots_dir": str(tmp / "plots"),
+            "mlflow": {"enabled": mlflow, "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+                       "artifact_location": str(tmp / "mlartifacts"), "experiment": "test-wplus"},
+            "sampling": {"num_faces": 2, "steps": 2},
+        },
+        "train_stage1": {"max_steps": 4, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "sample_every": 0},
+        "train_stage2": {"max_steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "sample_every": 0},
+    }
+    for sec, vals in sections.items():
+        for k, v in vals.items():
+            if isinstance(v, dict) and isinstance(d[sec].get(k), dict):
+                d[sec][k].update(v)
+            else:
+                d[sec][k] = v
+    return d
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> Path:
+    """Tiny REAL shards written with the pipeline's tar writer: 8 train + 2 val samples (128 px)."""
+    root = tmp_path_factory.mktemp("shards")
+    samples = synthetic_samples(10, identities=5, seed=3, size=128, encoded=True)
+    write_tar(root / "train" / "train-000000.tar", (encoded_members(s) for s in samples[:8]))
+    write_tar(root / "val" / "val-000000.tar", (encoded_members(s) for s in samples[8:]))
+    return root
+
+
+# ------------------------------------------------------------------------------------- config
+def test_config_strict_and_overrides(tmp_path):
+    tp = train_params(make_params(tmp_path), {"train_stage2.l_dis": 0.5, "train.resolution": 32})
+    assert tp.stage2.l_dis == 0.5 and tp.train.resolution == 32 and tp.stage2.l_reg == 1.0
+    assert tp.stage1.lr == 1e-4 and tp.stage1.weight_decay == 0.01 and tp.stage1.dropout.both == 0.05
+    with pytest.raises(ConfigError, match="unknown key 'train_stage1.lrr'"):
+        train_params({"train_stage1": {"lrr": 1}})
+    with pytest.raises(ConfigError, match="augment"):
+        train_params({"train_stage2": {"augment": "flip"}})
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        train_params({"train": {"resolution": 60}})
+
+
+# ------------------------------------------------------------------------------------- data
+def test_choose_crop_always_contains_the_face():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        W, H = int(rng.integers(32, 300)), int(rng.integers(32, 300))
+        bw, bh = int(rng.integers(1, W + 1)), int(rng.integers(1, H + 1))
+        x0, y0 = int(rng.integers(0, W - bw + 1)), int(rng.integers(0, H - bh + 1))
+        box = (x0, y0, x0 + bw, y0 + bh)
+        scale, frac = float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 0.5))
+        x, y, s = choose_crop(W, H, box, rng.random(3), scale, frac)
+        assert 1 <= s <= min(W, H) and 0 <= x <= W - s and 0 <= y <= H - s
+        if max(bw, bh) <= min(W, H):  # a face that fits is never cut ...
+            assert x <= box[0] and y <= box[1] and x + s >= box[2] and y + s >= box[3]
+            assert max(bw, bh) >= frac * s - 1e-9  # ... nor smaller than min_face_fraction of the crop
+
+
+def test_stage2_example_mask_rotation_and_jitter():
+    s = synthetic_samples(1, size=128, seed=1)[0]
+    aug = train_params({}).stage2.image_aug
+    outs = [stage2_example(s, 64, aug, np.random.default_rng(i).random(8)) for i in range(6)]
+    for ex in outs:
+        assert ex["image"].shape == (3, 64, 64) and ex["mask"].shape == (1, 64, 64)
+        assert ex["image"].min() >= -1 and ex["image"].max() <= 1
+        m = ex["mask"][0]
+        assert 0 <= m.min() and m.max() <= 1
+        assert (m < 0.5).any() and (m > 0.5).any()  # face and background both present
+    assert not torch.equal(outs[0]["image"], outs[1]["image"])  # augmentation varies with the draw
+    same = stage2_example(s, 64, aug, np.random.default_rng(0).random(8))
+    assert torch.equal(same["image"], outs[0]["image"]) and torch.equal(same["mask"], outs[0]["mask"])
+
+
+def test_batches_depend_only_on_seed_and_step(shards_dir):
+    src = ShardIndex([str(shards_dir / "train" / "train-000000.tar")], ("jpg", "mask.png", "txt", "wplus.npy"))
+    assert len(src) == 8 and not src.skipped
+    aug = train_params({}).stage2.image_aug
+    a = StepBatches(src, 2, 64, 3, seed=7, aug=aug)
+    b = StepBatches(src, 2, 64, 3, seed=7, start=5, aug=aug)
+    first_b = next(iter(b))
+    ref = a.batch(5)
+    assert first_b["step"] == 5 and first_b["key"] == ref["key"]
+    for k in ("image", "mask", "wplus"):
+        assert torch.equal(first_b[k], ref[k])
+    # the DataLoader stream (2 workers) is the same sequence of batches
+    loader = torch.utils.data.DataLoader(a, batch_size=None, num_workers=2)
+    it = iter(loader)
+    got = [next(it) for _ in range(4)]
+    del it
+    assert [g["step"] for g in got] == [0, 1, 2, 3]
+    assert all(torch.equal(g["image"], a.batch(i)["image"]) for i, g in enumerate(got))
+    # each data epoch visits every sample exactly once; another seed gives another order
+    a1 = StepBatches(src, 1, 64, 2, seed=7)
+    keys = [k for i in range(4) for k in a1.batch(i)["key"]]
+    assert sorted(keys) == sorted(src.key(i) for i in range(8))
+    assert keys != [k for i in range(4) for k in StepBatches(src, 1, 64, 2, seed=8).batch(i)["key"]]
+    # prompts: stage I neutral templates, stage II the caption
+    assert set(a1.batch(0)["prompt"]) <= set(NEUTRAL_PROMPTS)
+    assert all(p.startswith("a photo of synthetic_") for p in ref["prompt"])
+
+
+def test_empty_caption_falls_back_to_a_neutral_prompt():
+    samples = synthetic_samples(2, size=64)
+    for s in samples:
+        s["txt"] = ""
+    batch = StepBatches(MemorySource(samples), 2, 64, 2, seed=0).batch(0)
+    assert all(p in NEUTRAL_PROMPTS for p in batch["prompt"])
+
+
+# ------------------------------------------------------------------------------------- training
+def test_fast_dev_run_synthetic_stage1_then_stage2(tmp_path):
+    p = make_params(tmp_path)
+    r1 = train(p, 1, fast_dev_run=True)
+    assert r1["global_step"] == 1 and Path(r1["adapter"]).is_file()
+    assert r1["record"]["fast_dev_run"] is True and r1["record"]["mlflow"]["run_id"] is None
+    r2 = train(p, 2, fast_dev_run=True)  # starts from stage 1's adapter in out_dir
+    assert r2["global_step"] == 1 and r2["record"]["init"]["path"] == r1["adapter"]
+    assert set(r2["metrics"]) >= {"loss_rec", "loss_dis", "loss_reg"}
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_train_from_real_shards_through_the_datamodule(tmp_path, shards_dir):
+    p = make_params(tmp_path, train={"synthetic": 0, "shards": str(shards_dir)})
+    tp = train_params(p)
+    dm = WPlusDataModule(2, tp.train, tp.stage2)
+    dm.setup()
+    assert dm.describe()["train_samples"] == 8 and dm.describe()["val_samples"] == 2
+    assert dm.weights_real() == {f"shards.{s}": False for s in ("detector", "caption", "wplus", "identity")}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["mask"].shape == (2, 1, 64, 64)
+    assert batch["wplus"].shape == (2, 18, 512) and batch["wplus"].dtype == torch.float32
+    val = dm.val_examples()
+    assert val["face"].shape == (2, 3, 64, 64) and val["key"] == [ShardIndex(
+        [str(shards_dir / "val" / "val-000000.tar")], ()).key(i) for i in range(2)]
+
+    r1 = train(p, 1, max_steps=3)
+    assert r1["global_step"] == 3 and r1["data"]["train_samples"] == 8
+    rows = (tmp_path / "plots" / "train_stage1.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and len(rows) == 4
+    r2 = train(p, 2, max_steps=2)
+    assert r2["global_step"] == 2 and (tmp_path / "plots" / "train_stage2.csv").read_text().startswith("step,loss,rec,dis,reg")
+    m = json.loads((tmp_path / "metrics" / "train_stage2.json").read_text())
+    assert m["global_step"] == 2 and np.isfinite(m["loss"]) and m["weights_random"] is True
+
+
+def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    p = make_params(tmp_path, mlflow=True, train_stage1={"sample_every": 2}, train_stage2={"sample_every": 2})
+    r1 = train(p, 1)
+    r2 = train(p, 2)
+    t1, _ = read_adapter_file(r1["adapter"])
+    t2, meta2 = read_adapter_file(r2["adapter"])
+    assert set(t1) == set(t2)
+    wproj = [k for k in t1 if k.startswith("wproj.")]
+    attn = [k for k in t1 if k.startswith("attn.")]
+    assert wproj and attn
+    assert all(torch.equal(t1[k], t2[k]) for k in wproj)  # frozen in stage II
+    assert any(not torch.equal(t1[k], t2[k]) for k in attn)  # trained in stage II
+    assert meta2["stage"] == "2"
+
+    rec = json.loads(Path(r2["adapter_json"]).read_text())
+    for key in ("method", "stage", "base_model", "wproj", "scale", "mlflow", "lineage", "weights_real",
+                "global_step", "seed"):
+        assert key in rec
+    assert rec["method"] == "wplus" and rec["stage"] == 2 and rec["global_step"] == 3 and rec["scale"] == 1.0
+    assert rec["base_model"] == {"preset": "tiny", "path": None}
+    assert rec["wproj"]["cross_dim"] == 32 and rec["lineage"]["shards_hash"] == "none"
+    assert len(rec["lineage"]["git_commit"]) in (40, len("unknown"))
+    assert rec["weights_real"]["diffusion.unet"] is False and rec["weights_real"]["diffusion.scheduler"] is True
+    assert rec["mlflow"]["run_id"] == r2["run_id"] != r1["run_id"]
+    assert rec["mlflow"]["tracking_uri"] == p["train"]["mlflow"]["tracking_uri"]
+
+    client = MlflowClient(rec["mlflow"]["tracking_uri"])
+    run = client.get_run(r2["run_id"])
+    assert run.data.tags["method"] == "wplus" and run.data.tags["stage"] == "2"
+    assert run.data.tags["git_commit"] == rec["lineage"]["git_commit"]
+    assert run.data.tags["shards_hash"] == "none" and run.data.tags["weights_random"] == "true"
+    assert run.data.tags["weights_real.diffusion.unet"] == "false"
+    assert run.data.params["train_stage2.l_dis"] == "1.5" and run.data.params["train_stage2.augment"] == "both"
+    assert run.data.params["stage"] == "2"
+    for k in ("loss", "loss_rec", "loss_dis", "loss_reg", "lr"):
+        hist = client.get_metric_history(r2["run_id"], k)
+        assert len(hist) == 3, k
+        assert all(np.isfinite(h.value) for h in hist)
+    assert client.get_metric_history(r2["run_id"], "samples_per_s")
+    assert client.get_metric_history(r2["run_id"], "lr")[-1].value == pytest.approx(1e-4)
+    arts = {a.path for a in client.list_artifacts(r2["run_id"], "adapter")}
+    assert arts == {"adapter/adapter.safetensors", "adapter/adapter.json"}
+    grids = sorted(a.path for a in client.list_artifacts(r2["run_id"], "samples"))
+    assert grids == ["samples/step_000002.png", "samples/step_000003.png"]
+    local = Path(client.download_artifacts(r2["run_id"], "adapter/adapter.safetensors", str(tmp_path / "dl")))
+    assert torch.equal(read_adapter_file(local)[0][attn[0]], t2[attn[0]])
+    assert str(tmp_path / "mlartifacts") in run.info.artifact_uri  # explicit artifact location
+    # stage I's run has no loss_rec (noise MSE only) but the same lineage tags
+    run1 = client.get_run(r1["run_id"])
+    assert "loss_rec" not in run1.data.metrics and run1.data.tags["stage"] == "1"
+    assert (tmp_path / "plots" / "train_stage1_samples.png").is_file()
+
+
+def test_gradient_checkpointing_and_ema(tmp_path):
+    base = train(make_params(tmp_path / "a"), 1, max_steps=2)
+    gc = train(make_params(tmp_path / "b", train_stage1={"gradient_checkpointing": True}), 1, max_steps=2)
+    ema = train(make_params(tmp_path / "c", train_stage1={"ema": 0.9}), 1, max_steps=2)
+    t0, tg, te = (read_adapter_file(r["adapter"])[0] for r in (base, gc, ema))
+    assert all(torch.allclose(t0[k], tg[k], atol=1e-6) for k in t0)  # same training, recomputed activations
+    assert any(not torch.allclose(t0[k], te[k]) for k in t0)  # exported weights are the EMA
+    ck = torch.load(tmp_path / "c" / "checkpoints" / "stage1" / "last.ckpt", weights_only=False)
+    assert ck["persona"]["ema"]["num_updates"] == 2
+    assert all(k.startswith("adapter.") for k in ck["state_dict"])  # never the frozen UNet
+
+
+def test_shards_hash_from_dvc_lock(tmp_path, shards_dir):
+    import shutil
+
+    shards = tmp_path / "data" / "shards"
+    shutil.copytree(shards_dir, shards)
+    files = [p for p in shards.rglob("*") if p.is_file()]
+    lock = {"schema": "2.0", "stages": {"shards": {"outs": [
+        {"path": "data/shards", "hash": "md5", "md5": "abc123.dir", "size": sum(p.stat().st_size for p in files),
+         "nfiles": len(files)}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert shards_hash(shards, tmp_path / "dvc.lock") == "abc123.dir"
+    assert shards_hash(tmp_path / "elsewhere", tmp_path / "dvc.lock") == "none"
+    assert shards_hash(shards, tmp_path / "missing.lock") == "none"
+    (shards / "train" / "extra.tar").write_bytes(b"x")  # rewritten outside DVC
+    assert shards_hash(shards, tmp_path / "dvc.lock") == "none"
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_find_and_prune_checkpoints(tmp_path):
+    assert find_checkpoint(tmp_path) is None
+    for n in (4, 8, 12):
+        (tmp_path / f"step={n:06d}.ckpt").write_bytes(b"x")
+    (tmp_path / "last.ckpt").symlink_to("step=000008.ckpt")  # killed before the link moved to 12
+    assert find_checkpoint(tmp_path).name == "step=000012.ckpt"
+    (tmp_path / ".step=000016.ckpt.123.tmp").write_bytes(b"partial")
+    removed = prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == [".step=000016.ckpt.123.tmp", "step=000004.ckpt"]
+    assert sorted(p.name for p in tmp_path.glob("step=*")) == ["step=000008.ckpt", "step=000012.ckpt"]
+
+
+def _ckpts(d: Path) -> list[Path]:
+    return sorted(d.glob("step=*.ckpt"))
+
+
+def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
+    steps = 30
+    sec = {"train_stage1": {"max_steps": steps, "checkpoint_every": 4, "keep_last": 2, "log_every": 5}}
+    # uninterrupted reference (in-process: same code path, 1 thread both ways)
+    ref = train(make_params(tmp_path / "ref", **sec), 1)
+    assert ref["global_step"] == steps
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "params.yaml").write_text(yaml.safe_dump(make_params(run, mlflow=True, **sec)))
+    cmd = PERSONA + ["train", "--stage", "1", "--params", str(run / "params.yaml")]
+    ckdir = run / "checkpoints" / "stage1"
+    with open(run / "stderr.txt", "w") as err, subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                                                 stderr=err) as proc:
+        try:
+            deadline = time.monotonic() + 90
+            while not _ckpts(ckdir):
+                assert proc.poll() is None, f"ended before a checkpoint: {(run / 'stderr.txt').read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within 90 s"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None and not _ckpts(ckdir):
+                proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    adapter = run / "models" / "wplus" / "stage1" / "adapter.safetensors"
+    assert not adapter.exists(), "the run finished before the kill; nothing was interrupted"
+    killed_at = max(int(p.stem.split("=")[1]) for p in _ckpts(ckdir))
+    assert 4 <= killed_at < steps
+    run_id = json.loads((ckdir / "run.json").read_text())["run_id"]
+
+    out = subprocess.run(cmd + ["--json"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert res["global_step"] == steps and res["resumed_from"] is not None
+    assert res["metrics"]["resumed_from_step"] >= killed_at
+    assert res["run_id"] == run_id  # the same MLflow run continues
+
+    got, _ = read_adapter_file(adapter)
+    want, _ = read_adapter_file(ref["adapter"])
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert len(_ckpts(ckdir)) == 2 and (ckdir / "last.ckpt").resolve().name == f"step={steps:06d}.ckpt"
