@@ -129,27 +129,28 @@ def _item_stages(proj: Path) -> list[str]:
 @pytest.mark.slow
 def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
     proj = _dvc_project(tmp_path, sample_raw)
-    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     stages = _item_stages(proj)
     assert {"ingest", "dedup", "align", "masks", "caption", "wplus", "identity"} <= set(stages)
     _check_sample_shards(proj / "data" / "shards")
     stamps = {s: (proj / "data" / s / "last_run.json").stat().st_mtime_ns for s in stages}
 
-    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Running stage" not in r.stdout, r.stdout
     assert all((proj / "data" / s / "last_run.json").stat().st_mtime_ns == stamps[s] for s in stages)
 
     new = proj / "data" / "raw" / "sample" / "obama" / "obama_mirrored.jpg"
     Image.open(proj / "data/raw/sample/obama/obama2.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new, quality=92)
-    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     for s in stages + ["shards"]:
         run = json.loads((proj / "data" / s / "last_run.json").read_text())
         assert run["computed"] == 1, (s, run)
     index = json.loads((proj / "data" / "shards" / "index.json").read_text())
     assert index["identities"]["obama"]["faces"] == 4
+    _full_repro_checks(proj)
 
 
 def _check_sample_shards(shards: Path) -> None:
@@ -179,3 +180,15 @@ def _check_sample_shards(shards: Path) -> None:
     keys = [smp["__key__"] for smp in loader]
     n_train = sum(1 for smp in samples if smp["json"]["split"] == "train")
     assert len(keys) == len(set(keys)) == n_train > 0
+
+
+def _full_repro_checks(proj: Path) -> None:
+    """`dvc repro` end to end: training stages, evaluation and a registered candidate."""
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for stage in (1, 2):
+        meta = json.loads((proj / "models" / "wplus" / f"stage{stage}" / "adapter.json").read_text())
+        assert meta["stage"] == stage and (proj / "models" / "wplus" / f"stage{stage}" / "adapter.safetensors").exists()
+        assert meta["lineage"]["shards_hash"] not in ("", "none", None)
+    assert json.loads((proj / "metrics" / "evaluate.json").read_text())
+    assert (proj / "metrics" / "register.json").exists()

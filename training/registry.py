@@ -1,0 +1,563 @@
+"""MLflow model registry for adapters: register, promote (gated), rollback, list, show. Aliases only.
+
+    register   log the adapter folder (adapter.safetensors + adapter.json) as artifacts `adapter/` of
+               its training run (adapter.json mlflow.run_id, when that run exists on this tracking
+               server) or of a new run, then `MlflowClient.create_model_version(name,
+               source=<run artifact uri>/adapter, run_id=...)` (MLflow 3's `register_model` refuses
+               a plain artifact folder), tagged with the evaluation metrics (`metric.<name>` = value,
+               or `missing: <reason>`), the evaluation-set id (`eval_set`), git commit, shards
+               hash, method, stage, params hash (adapter.json `params_hash` / `signature`, else a
+               hash of the training run's MLflow params), adapter sha256, weights_real; alias
+               `candidate`. Evaluation results made for another adapter file are refused.
+               Registering the same adapter with the same evaluation again reuses that version.
+    promote    move alias `champion` to the candidate only when it beats the current champion on
+               the gate metrics (higher is better; not worse on any, better by > min_improvement
+               on at least one) on the SAME evaluation set; else `PromotionRefused` with the numbers.
+               The previous champion is pushed on the registered model's `persona.champion_history`
+               tag (a JSON list of versions).
+    rollback   pop that history: `champion` goes back to the previous champion.
+
+Where: tracking URI = explicit argument, else $MLFLOW_TRACKING_URI, else `registry.tracking_uri`
+(default `sqlite:///mlruns.db`); registry URI = argument, else $MLFLOW_REGISTRY_URI, else
+`registry.registry_uri`, else the tracking URI. New experiments on a local store put their artifacts
+in `registry.artifact_location` (default `mlartifacts/`); on an HTTP server the server decides
+(`--artifacts-destination`). Concurrent promotions of the same model are not serialised.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from pipeline.config import ConfigError, Params, build
+
+log = logging.getLogger("persona.registry")
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+HISTORY_TAG = "persona.champion_history"
+METRIC_PREFIX = "metric."
+MISSING_PREFIX = "missing: "
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+HISTORY_MAX = 200
+ADAPTER_FILES = ("adapter.safetensors", "adapter.json")
+
+
+# ============================================================================================
+# config (`registry:` section of params.yaml)
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "persona-wplus"  # registered model (one per method)
+    tracking_uri: str = DEFAULT_TRACKING_URI  # $MLFLOW_TRACKING_URI wins
+    registry_uri: Optional[str] = None  # null -> the tracking URI ($MLFLOW_REGISTRY_URI wins)
+    artifact_location: str = "mlartifacts"  # artifact root of NEW experiments on a local store
+    experiment: str = "persona-wplus"  # for new runs when the adapter's training run is not on this server
+    gate_metrics: list[str] = field(default_factory=lambda: ["identity_similarity"])  # higher is better
+    min_improvement: float = 0.0  # at least one gate metric must improve by more than this
+    require_same_eval_set: bool = True  # candidate and champion must carry the same eval_set tag
+    metrics: str = "metrics/evaluate.json"  # evaluation results `register` reads by default
+    out: str = "metrics/register.json"  # what `register` writes (DVC out)
+
+
+def registry_config(params: Params | Mapping[str, Any] | None = None) -> RegistryConfig:
+    raw = params.extra.get("registry") if isinstance(params, Params) else params
+    cfg = build(RegistryConfig, raw or {}, "registry")
+    if not cfg.gate_metrics:
+        raise ConfigError("registry.gate_metrics: name at least one metric")
+    if cfg.min_improvement < 0:
+        raise ConfigError("registry.min_improvement must be >= 0")
+    return cfg
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (no candidate, nothing to roll back to, ...)."""
+
+
+class PromotionRefused(RegistryError):
+    """The candidate does not beat the champion; `decision` holds the numbers."""
+
+    def __init__(self, decision: dict):
+        self.decision = decision
+        super().__init__(format_decision(decision))
+
+
+# ============================================================================================
+# URIs and clients
+
+
+def resolve_uris(tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None,
+                 cfg: Optional[RegistryConfig] = None) -> tuple[str, str]:
+    """(tracking, registry) URIs: argument > environment > params > default (see module doc)."""
+    cfg = cfg or RegistryConfig()
+    t = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or DEFAULT_TRACKING_URI
+    r = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or cfg.registry_uri or t
+    return t, r
+
+
+def is_remote(uri: str) -> bool:
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def client_for(tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None,
+               cfg: Optional[RegistryConfig] = None):
+    """An `MlflowClient` on the resolved URIs."""
+    _quiet_mlflow()
+    from mlflow import MlflowClient
+
+    t, r = resolve_uris(tracking_uri, registry_uri, cfg)
+    return MlflowClient(tracking_uri=t, registry_uri=r)
+
+
+def _not_found(e: Exception) -> bool:
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def download_version(name: str, version: str | int, dst: str | os.PathLike, *, tracking_uri: str,
+                     registry_uri: str) -> Path:
+    """Download the files of `models:/<name>/<version>` (the adapter folder) into `dst`.
+
+    The version's download URI is resolved with an explicit registry client, then fetched with
+    `mlflow.artifacts.download_artifacts(<that uri>, tracking_uri=...)`: MLflow 3.17's own
+    `models:/` resolution reads the process-global registry URI and ignores the one passed in.
+    """
+    _quiet_mlflow()
+    import mlflow
+    from mlflow import MlflowClient
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    uri = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri).get_model_version_download_uri(name, str(version))
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    return Path(path)
+
+
+# ============================================================================================
+# metrics <-> tags, and the promotion gate (pure)
+
+
+def metric_tags(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """{'identity_similarity': {'value': 0.41, ...}, 'clip_t': {'value': None, 'missing': 'why'}} ->
+    {'metric.identity_similarity': '0.41', 'metric.clip_t': 'missing: why'}."""
+    out = {}
+    for name, m in metrics.items():
+        v = m.get("value") if isinstance(m, Mapping) else m
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[METRIC_PREFIX + name] = repr(float(v))
+        else:
+            reason = m.get("missing") if isinstance(m, Mapping) else None
+            out[METRIC_PREFIX + name] = MISSING_PREFIX + str(reason or "no value")
+    return out
+
+
+def tag_metrics(tags: Mapping[str, str]) -> dict[str, Optional[float]]:
+    """Inverse of `metric_tags`: metric name -> float, or None when missing."""
+    out: dict[str, Optional[float]] = {}
+    for k, v in tags.items():
+        if not k.startswith(METRIC_PREFIX):
+            continue
+        try:
+            out[k[len(METRIC_PREFIX):]] = float(v)
+        except (TypeError, ValueError):
+            out[k[len(METRIC_PREFIX):]] = None
+    return out
+
+
+def gate(
+    candidate: Mapping[str, Optional[float]],
+    champion: Optional[Mapping[str, Optional[float]]],
+    metrics: Sequence[str],
+    *,
+    min_improvement: float = 0.0,
+    candidate_eval_set: Optional[str] = None,
+    champion_eval_set: Optional[str] = None,
+    require_same_eval_set: bool = True,
+) -> dict:
+    """Does the candidate beat the champion? -> {"ok", "reasons", "rows"} (metrics: higher is better).
+
+    ok when there is no champion (and the candidate has every gate metric), or when on the same
+    evaluation set the candidate is not worse on any gate metric and better by more than
+    `min_improvement` on at least one. A metric without a value on either side refuses.
+    """
+    if not metrics:
+        raise ValueError("gate: no gate metrics")
+    rows, reasons = [], []
+    for m in metrics:
+        c = candidate.get(m)
+        h = None if champion is None else champion.get(m)
+        delta = None if c is None or h is None else c - h
+        if c is None:
+            verdict = "candidate has no value"
+        elif champion is None:
+            verdict = "no champion"
+        elif h is None:
+            verdict = "champion has no value"
+        elif delta < 0:
+            verdict = "worse"
+        elif delta > min_improvement:
+            verdict = "better"
+        else:
+            verdict = "not better"
+        rows.append({"metric": m, "candidate": c, "champion": h, "delta": delta, "verdict": verdict})
+    for r in rows:
+        if r["verdict"] in ("candidate has no value", "champion has no value", "worse"):
+            reasons.append(f"{r['metric']}: {r['verdict']} (candidate {_fmt(r['candidate'])}, champion {_fmt(r['champion'])})")
+    if champion is not None and require_same_eval_set:
+        if not candidate_eval_set or not champion_eval_set:
+            reasons.append("evaluation set unknown on one side (tag eval_set missing): results are not comparable")
+        elif candidate_eval_set != champion_eval_set:
+            reasons.append(f"different evaluation sets (candidate {candidate_eval_set[:12]}, champion {champion_eval_set[:12]})")
+    if champion is not None and not reasons and not any(r["verdict"] == "better" for r in rows):
+        reasons.append(f"no gate metric improves by more than {min_improvement} over the champion")
+    return {"ok": not reasons, "reasons": reasons, "rows": rows, "min_improvement": min_improvement,
+            "first_champion": champion is None}
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_decision(d: dict) -> str:
+    head = "PROMOTE" if d.get("ok") else "REFUSED"
+    over = "(first champion)" if d.get("champion_version") is None else f"over v{d.get('champion_version')}"
+    who = f" {d.get('name')} v{d.get('candidate_version')} {over}" if d.get("name") else ""
+    lines = [f"{head}{who}"]
+    lines.append(f"  {'metric':28s} {'candidate':>10s} {'champion':>10s} {'delta':>9s}  verdict")
+    for r in d.get("rows", []):
+        delta = "n/a" if r["delta"] is None else f"{r['delta']:+.4f}"
+        lines.append(f"  {r['metric']:28s} {_fmt(r['candidate']):>10s} {_fmt(r['champion']):>10s} {delta:>9s}  {r['verdict']}")
+    for reason in d.get("reasons", []):
+        lines.append(f"  reason: {reason}")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# helpers
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _params_hash(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_evaluation(path: Optional[str | os.PathLike]) -> Optional[dict]:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"evaluation results {p} not found (run `persona evaluate` first, or omit --metrics)")
+    return json.loads(p.read_text())
+
+
+def version_summary(mv, aliases: Optional[Sequence[str]] = None) -> dict:
+    tags = dict(mv.tags or {})
+    return {
+        "name": mv.name, "version": str(mv.version), "aliases": sorted(aliases if aliases is not None else (mv.aliases or [])),
+        "run_id": mv.run_id, "source": mv.source, "status": mv.status,
+        "created": _dt.datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": tag_metrics(tags), "eval_set": tags.get("eval_set"), "weights_real": tags.get("weights_real"),
+        "tags": tags,
+    }
+
+
+# ============================================================================================
+# the registry
+
+
+class Registry:
+    """Registry operations on one tracking/registry server (see module doc)."""
+
+    def __init__(self, cfg: Optional[RegistryConfig] = None, tracking_uri: Optional[str] = None,
+                 registry_uri: Optional[str] = None):
+        self.cfg = cfg or RegistryConfig()
+        self.tracking_uri, self.registry_uri = resolve_uris(tracking_uri, registry_uri, self.cfg)
+        self.client = client_for(self.tracking_uri, self.registry_uri)
+
+    # ---------------------------------------------------------------- lookups
+    def by_alias(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if _not_found(e):
+                return None
+            raise
+
+    def version(self, name: str, ref: str | int):
+        """A version by number or alias."""
+        ref = str(ref)
+        mv = self.client.get_model_version(name, ref) if ref.isdigit() else self.by_alias(name, ref)
+        if mv is None:
+            raise RegistryError(f"{name}: no version with alias '{ref}'")
+        return mv
+
+    def _registered(self, name: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException as e:
+            if _not_found(e):
+                return None
+            raise
+
+    def _aliases_of(self, name: str) -> dict[str, list[str]]:
+        rm = self._registered(name)
+        out: dict[str, list[str]] = {}
+        for alias, v in (getattr(rm, "aliases", None) or {}).items():
+            out.setdefault(str(v), []).append(alias)
+        return out
+
+    def _history(self, name: str) -> list[str]:
+        rm = self._registered(name)
+        raw = (rm.tags or {}).get(HISTORY_TAG, "[]") if rm is not None else "[]"
+        try:
+            return [str(v) for v in json.loads(raw)]
+        except json.JSONDecodeError:
+            return []
+
+    def _set_history(self, name: str, history: list[str]) -> None:
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_MAX:]))
+
+    def _run_exists(self, run_id: Optional[str]) -> bool:
+        if not run_id:
+            return False
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.lifecycle_stage != "deleted"
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        loc = None if is_remote(self.tracking_uri) else str(Path(self.cfg.artifact_location).resolve())
+        return self.client.create_experiment(name, artifact_location=loc)
+
+    def download(self, name: str, version: str | int, dst: str | os.PathLike) -> Path:
+        return download_version(name, version, dst, tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+
+    # ---------------------------------------------------------------- register
+    def register(
+        self,
+        adapter_dir: str | os.PathLike,
+        *,
+        evaluation: Optional[str | os.PathLike | dict] = None,
+        name: Optional[str] = None,
+        alias: str = CANDIDATE,
+        allow_mismatch: bool = False,
+        new_version: bool = False,
+    ) -> dict:
+        """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it."""
+        name = name or self.cfg.model_name
+        folder = Path(adapter_dir)
+        meta_path = folder / "adapter.json"
+        for f in ADAPTER_FILES:
+            if not (folder / f).is_file():
+                raise FileNotFoundError(f"{folder}: missing {f} (an adapter folder holds {', '.join(ADAPTER_FILES)})")
+        meta = json.loads(meta_path.read_text())
+        sha = _sha256(folder / "adapter.safetensors")
+        ev = evaluation if isinstance(evaluation, dict) or evaluation is None else load_evaluation(evaluation)
+        if ev is not None:
+            ev_sha = (ev.get("adapter") or {}).get("sha256")
+            if ev_sha != sha and not allow_mismatch:
+                raise RegistryError(
+                    f"the evaluation results are for adapter {str(ev_sha)[:12]}, not for {folder} ({sha[:12]}); "
+                    "re-run `persona evaluate` for this adapter (or pass --allow-mismatch)")
+        metrics = (ev or {}).get("metrics") or {}
+        eval_set = ((ev or {}).get("eval_set") or {}).get("id")
+
+        ml = meta.get("mlflow") or {}
+        lineage = meta.get("lineage") or {}
+        run_id = ml.get("run_id")
+        reused_run = self._run_exists(run_id)
+        if reused_run:
+            params_hash = meta.get("params_hash") or meta.get("signature") or _params_hash(self.client.get_run(run_id).data.params)
+        else:
+            if run_id:
+                log.info("training run %s is not on %s: registering from a new run", run_id, self.tracking_uri)
+            exp_id = self._experiment_id(ml.get("experiment") or self.cfg.experiment)
+            run = self.client.create_run(exp_id, run_name=f"register-{name}", tags={
+                "persona.kind": "register", "persona.training_run": str(run_id), "persona.training_tracking_uri": str(ml.get("tracking_uri")),
+                "git_commit": str(lineage.get("git_commit")), "shards_hash": str(lineage.get("shards_hash"))})
+            run_id = run.info.run_id
+            params_hash = meta.get("params_hash") or meta.get("signature") or "unknown"
+        weights_real = meta.get("weights_real") or {}
+        real = bool(weights_real) and all(bool(v) for v in weights_real.values())
+        if ev is not None:
+            real = real and bool(ev.get("weights_real", False))
+        tags = {
+            "method": str(meta.get("method")), "stage": str(meta.get("stage")), "global_step": str(meta.get("global_step")),
+            "seed": str(meta.get("seed")), "git_commit": str(lineage.get("git_commit")),
+            "shards_hash": str(lineage.get("shards_hash")), "params_hash": str(params_hash), "adapter_sha256": sha,
+            "base_model": json.dumps(meta.get("base_model"), sort_keys=True), "weights_real": str(real).lower(),
+            "eval_set": str(eval_set) if eval_set else "none", "registered_at": _now(),
+            **(metric_tags(metrics) if ev is not None else {}),
+        }
+        if ev is None:
+            tags["evaluated"] = "false"
+        if not real:
+            log.warning("!!! registering %s with RANDOM weights somewhere (weights_real=false): not a usable model !!!", name)
+
+        if self._registered(name) is None:
+            self.client.create_registered_model(
+                name, tags={"method": str(meta.get("method"))},
+                description=f"Persona {meta.get('method')} identity adapters (aliases: {CANDIDATE}, {CHAMPION})")
+        existing = None if new_version else self._same_version(name, sha, tags)
+        if existing is not None:
+            mv = existing
+            log.info("%s: adapter %s with this evaluation is already version %s; moving '%s' only", name, sha[:12], mv.version, alias)
+        else:
+            for f in ADAPTER_FILES:
+                self.client.log_artifact(run_id, str(folder / f), "adapter")
+            if ev is not None:
+                self._log_json(run_id, ev, "evaluation", "evaluate.json")
+            if not reused_run:
+                self.client.set_terminated(run_id)
+            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/adapter"
+            mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                                  description=f"{meta.get('method')} stage {meta.get('stage')} adapter {sha[:12]}")
+            mv = self._wait_ready(name, mv.version)
+        self.client.set_registered_model_alias(name, alias, mv.version)
+        out = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}", "alias": alias,
+               "alias_uri": f"models:/{name}@{alias}", "run_id": mv.run_id, "source": mv.source,
+               "reused_training_run": reused_run, "reused_version": existing is not None,
+               "tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri, "tags": tags}
+        log.info("registered %s version %s (%s) from run %s", name, mv.version, alias, mv.run_id)
+        return out
+
+    def _log_json(self, run_id: str, obj: dict, artifact_path: str, filename: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / filename
+            p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def _same_version(self, name: str, sha: str, tags: Mapping[str, str]):
+        keys = [k for k in tags if k.startswith(METRIC_PREFIX)] + ["eval_set", "adapter_sha256"]
+        for mv in self.client.search_model_versions(f"name='{name}'"):
+            t = mv.tags or {}
+            if t.get("adapter_sha256") == sha and all(t.get(k) == tags.get(k) for k in keys) and \
+                    sum(1 for k in t if k.startswith(METRIC_PREFIX)) == sum(1 for k in tags if k.startswith(METRIC_PREFIX)):
+                return mv
+        return None
+
+    def _wait_ready(self, name: str, version: str, timeout: float = 60.0):
+        import time
+
+        t0 = time.monotonic()
+        while True:
+            mv = self.client.get_model_version(name, version)
+            if mv.status == "READY":
+                return mv
+            if mv.status == "FAILED_REGISTRATION":
+                raise RegistryError(f"{name} v{version}: registration failed ({mv.status_message})")
+            if time.monotonic() - t0 > timeout:
+                raise RegistryError(f"{name} v{version}: not READY after {timeout:.0f}s ({mv.status})")
+            time.sleep(0.5)
+
+    # ---------------------------------------------------------------- promote / rollback
+    def promote(self, name: Optional[str] = None, version: Optional[str | int] = None, *, force: bool = False) -> dict:
+        """Move `champion` to the candidate (or `version`) if it beats the champion; else PromotionRefused."""
+        name = name or self.cfg.model_name
+        if self._registered(name) is None:
+            raise RegistryError(f"no registered model '{name}' (run `persona registry register` first)")
+        cand = self.version(name, version if version is not None else CANDIDATE)
+        champ = self.by_alias(name, CHAMPION)
+        base = {"name": name, "candidate_version": str(cand.version),
+                "champion_version": None if champ is None else str(champ.version)}
+        if champ is not None and str(champ.version) == str(cand.version):
+            return {**base, "ok": True, "promoted": False, "reasons": ["candidate is already the champion"], "rows": []}
+        ct = dict(cand.tags or {})
+        ht = dict(champ.tags or {}) if champ is not None else None
+        d = gate(tag_metrics(ct), None if ht is None else tag_metrics(ht), self.cfg.gate_metrics,
+                 min_improvement=self.cfg.min_improvement, candidate_eval_set=_eval_set(ct),
+                 champion_eval_set=None if ht is None else _eval_set(ht),
+                 require_same_eval_set=self.cfg.require_same_eval_set)
+        d = {**base, **d}
+        if not d["ok"] and not force:
+            raise PromotionRefused(d)
+        if not d["ok"]:
+            log.warning("forcing promotion despite the gate:\n%s", format_decision(d))
+        self.client.set_registered_model_alias(name, CHAMPION, cand.version)
+        if champ is not None:
+            self._set_history(name, self._history(name) + [str(champ.version)])
+        self.client.set_model_version_tag(name, cand.version, "promoted_at", _now())
+        self.client.set_model_version_tag(name, cand.version, "promoted_over", str(base["champion_version"]))
+        if force and not d["ok"]:
+            self.client.set_model_version_tag(name, cand.version, "promoted_forced", "; ".join(d["reasons"]))
+        return {**d, "promoted": True, "forced": bool(force and not d["ok"])}
+
+    def rollback(self, name: Optional[str] = None) -> dict:
+        """Move `champion` back to the previous champion (popped from the history tag)."""
+        from mlflow.exceptions import MlflowException
+
+        name = name or self.cfg.model_name
+        history = self._history(name)
+        current = self.by_alias(name, CHAMPION)
+        while history:
+            prev = history.pop()
+            try:
+                mv = self.client.get_model_version(name, prev)
+            except MlflowException as e:
+                if _not_found(e):
+                    log.warning("%s: previous champion v%s no longer exists; skipping it", name, prev)
+                    continue
+                raise
+            self.client.set_registered_model_alias(name, CHAMPION, mv.version)
+            self._set_history(name, history)
+            if current is not None:
+                self.client.set_model_version_tag(name, current.version, "rolled_back_at", _now())
+            self.client.set_model_version_tag(name, mv.version, "restored_at", _now())
+            return {"name": name, "champion_version": str(mv.version),
+                    "previous_champion": None if current is None else str(current.version), "history": history}
+        raise RegistryError(f"{name}: no previous champion to roll back to")
+
+    # ---------------------------------------------------------------- list / show
+    def list(self, name: Optional[str] = None) -> list[dict]:
+        """Versions of `name` (newest first); with name=None, every registered model."""
+        if name is None:
+            return [{"name": rm.name, "aliases": dict(getattr(rm, "aliases", None) or {}),
+                     "latest": None, "tags": dict(rm.tags or {})} for rm in self.client.search_registered_models()]
+        aliases = self._aliases_of(name)
+        mvs = sorted(self.client.search_model_versions(f"name='{name}'"), key=lambda m: -int(m.version))
+        return [version_summary(m, aliases.get(str(m.version), [])) for m in mvs]
+
+    def show(self, name: Optional[str] = None, ref: str | int = CHAMPION) -> dict:
+        name = name or self.cfg.model_name
+        mv = self.version(name, ref)
+        out = version_summary(mv, self._aliases_of(name).get(str(mv.version), []))
+        out["champion_history"] = self._history(name)
+        return out
+
+
+def _eval_set(tags: Mapping[str, str]) -> Optional[str]:
+    v = tags.get("eval_set")
+    return None if not v or v == "none" else v

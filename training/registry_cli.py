@@ -1,0 +1,267 @@
+"""`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
+
+    persona generate --ref PHOTO [--ref PHOTO ...] | --wplus CODE.npy  --prompt TEXT [--prompt ...]
+                     [--adapter DIR | models:/NAME@ALIAS] [--lambda L] [--delay K] [--edit DIR.npy --alpha A]
+                     [--seed S] [--num-images N] [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
+    persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
+    persona evaluate [--adapter ...] [--shards DIR] [--no-mlflow]          params `evaluate:`
+    persona registry register --adapter DIR [--metrics metrics/evaluate.json]
+    persona registry promote [--version V] [--force] | rollback | list | show [REF]
+    persona mlflow-server [--port 5000] [--backend sqlite:///mlflow-server.db] [--artifacts DIR]
+
+Defaults come from params.yaml (`generate`, `evaluate`, `registry`); MLflow locations from
+--tracking-uri / $MLFLOW_TRACKING_URI / params (see training/registry.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _params(path: str):
+    from pipeline.config import load_params
+
+    return load_params(path)
+
+
+def _dump(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------------------------- generate
+def _cmd_generate(args) -> int:
+    from training import generate as g
+
+    if args.from_json:
+        rec, _, identical = g.regenerate(args.from_json, out=args.out, device=args.device,
+                                         tracking_uri=args.tracking_uri, registry_uri=args.registry_uri)
+        print(f"[generate] re-ran {args.from_json}: {rec['image']['file']} "
+              f"{'IDENTICAL to' if identical else 'DIFFERS from'} the recorded pixels")
+        return 0 if identical or not args.check else 1
+    params = _params(args.params)
+    cfg = g.generate_config(params)
+    for key, attr in (("adapter", "adapter"), ("steps", "steps"), ("guidance", "guidance"), ("scale", "lam"),
+                      ("delay_steps", "delay"), ("seed", "seed"), ("num_images", "num_images"), ("height", "height"),
+                      ("width", "width"), ("device", "device"), ("dtype", "dtype"), ("negative_prompt", "negative_prompt"),
+                      ("tracking_uri", "tracking_uri"), ("registry_uri", "registry_uri")):
+        v = getattr(args, attr)
+        if v is not None:
+            setattr(cfg, key, v)
+    if args.base_model:
+        cfg.base_model = g.BaseModelOverride(path=args.base_model)
+    if args.preset:
+        cfg.base_model = g.BaseModelOverride(preset=args.preset)
+    g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
+    if not args.prompt:
+        raise SystemExit("persona generate: give --prompt (or --from-json)")
+    if bool(args.ref) == bool(args.wplus):
+        raise SystemExit("persona generate: give --ref PHOTO (one or more) or --wplus CODE.npy")
+    if bool(args.edit) != (args.alpha is not None):
+        raise SystemExit("persona generate: --edit DIRECTION.npy and --alpha A go together")
+    req = g.Request(prompts=args.prompt, references=args.ref or [], wplus=args.wplus, edit=args.edit,
+                    alpha=args.alpha or 0.0, name=args.name)
+    recs = g.generate(req, cfg, params=params, out=args.out)
+    out = args.out or cfg.out
+    for r in recs:
+        print(f"[generate] {out}/{r['image']['file']}  seed={r['seed']} lambda={r['lambda']} prompt={r['prompt']!r}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args) -> int:
+    from training import evaluate as ev
+
+    params = _params(args.params)
+    cfg = ev.evaluate_config(params, {"adapter": args.adapter, "shards": args.shards, "split": args.split,
+                                      "max_identities": args.max_identities, "steps": args.steps,
+                                      "metrics_out": args.metrics_out, "device": args.device})
+    res = ev.evaluate(cfg, params, log_mlflow=False if args.no_mlflow else None)
+    print(ev.summary(res))
+    print(f"[evaluate] wrote {cfg.metrics_out}, {cfg.grid_out}" + (f"; MLflow run {res['mlflow']['run_id']}" if res.get("mlflow") else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- registry
+def _registry(args):
+    from training.registry import Registry, registry_config
+
+    cfg = registry_config(_params(args.params))
+    return Registry(cfg, tracking_uri=args.tracking_uri, registry_uri=args.registry_uri)
+
+
+def _cmd_register(args) -> int:
+    from pathlib import Path
+
+    reg = _registry(args)
+    metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics)
+    out = reg.register(args.adapter, evaluation=metrics, name=args.name, alias=args.alias,
+                       allow_mismatch=args.allow_mismatch, new_version=args.new_version)
+    dst = Path(args.out or reg.cfg.out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    print(f"[registry] {out['name']} version {out['version']} -> @{out['alias']} ({out['uri']}, run {out['run_id']})"
+          + (" [existing version]" if out["reused_version"] else ""))
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    from training.registry import PromotionRefused, format_decision
+
+    reg = _registry(args)
+    try:
+        d = reg.promote(args.name, args.version, force=args.force)
+    except PromotionRefused as e:
+        print(format_decision(e.decision), file=sys.stderr)
+        return 1
+    print(format_decision(d))
+    if d.get("promoted"):
+        print(f"[registry] {d['name']}@champion -> version {d['candidate_version']}" + (" (FORCED)" if d.get("forced") else ""))
+    else:
+        print(f"[registry] nothing to do: {'; '.join(d['reasons'])}")
+    return 0
+
+
+def _cmd_rollback(args) -> int:
+    from training.registry import RegistryError
+
+    reg = _registry(args)
+    try:
+        d = reg.rollback(args.name)
+    except RegistryError as e:
+        print(f"[registry] {e}", file=sys.stderr)
+        return 1
+    print(f"[registry] {d['name']}@champion: version {d['previous_champion']} -> {d['champion_version']}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    reg = _registry(args)
+    name = args.name or reg.cfg.model_name
+    rows = reg.list(None if args.all else name)
+    if args.json:
+        _dump(rows)
+        return 0
+    if args.all:
+        for r in rows:
+            print(f"{r['name']:30s} aliases={r['aliases']}")
+        return 0
+    print(f"{name}  (gate: {', '.join(reg.cfg.gate_metrics)})")
+    for r in rows:
+        ms = " ".join(f"{k}={'n/a' if v is None else f'{v:.4f}'}" for k, v in sorted(r["metrics"].items()))
+        print(f"  v{r['version']:>3s} {','.join(r['aliases']) or '-':20s} {r['created']} weights_real={r['weights_real']} "
+              f"eval_set={(r['eval_set'] or '-')[:12]} {ms}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    reg = _registry(args)
+    _dump(reg.show(args.name, args.ref))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- mlflow-server
+def _cmd_server(args) -> int:
+    from training.mlflow_server import serve
+
+    return serve(args.port, args.backend, args.artifacts, host=args.host, workers=args.workers, timeout=args.timeout)
+
+
+# ---------------------------------------------------------------------------------- parsers
+def _mlflow_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else params)")
+    p.add_argument("--registry-uri", help="MLflow registry URI (default: $MLFLOW_REGISTRY_URI, else the tracking URI)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
+
+def register(sub) -> None:
+    """Add `generate`, `evaluate`, `registry` and `mlflow-server` to the `persona` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    s = sub.add_parser("generate", help="images from reference photo(s) or a W+ code with an adapter",
+                       description="Reference photo(s) or a W+ .npy + prompt(s) -> PNG + JSON record + W+ .npy per "
+                       "image. `--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
+    s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
+    s.add_argument("--ref", action="append", help="reference photo (repeat to average W+ over several)")
+    s.add_argument("--wplus", help="W+ code .npy (18x512, or Nx18x512 averaged) instead of photos")
+    s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
+    s.add_argument("--negative-prompt", dest="negative_prompt")
+    s.add_argument("--lambda", dest="lam", type=float, help="identity scale lambda (default params generate.scale)")
+    s.add_argument("--delay", type=int, help="DDIM steps with lambda 0 at the start (delayed identity)")
+    s.add_argument("--edit", help="W+ edit direction .npy (18x512 or 512)")
+    s.add_argument("--alpha", type=float, help="edit strength: w + alpha * direction")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed, seed+1, ...)")
+    s.add_argument("--steps", type=int, help="DDIM steps")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--base-model", dest="base_model", help="override the base SD model (local diffusers folder)")
+    s.add_argument("--preset", choices=["tiny", "sd15"], help="override the base SD model with a random preset")
+    s.add_argument("--name", default="img", help="file name prefix (default: img)")
+    s.add_argument("--out", help="output folder (default: params generate.out; --from-json: <record dir>/rerun)")
+    s.add_argument("--from-json", dest="from_json", help="re-run a generation record")
+    s.add_argument("--check", action="store_true", help="with --from-json: exit 1 unless the pixels are identical")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",
+                       description="Generate for the val identities x prompts, score identity similarity, "
+                       "detection rate, CLIP-T / LPIPS / FID where configured, and the real-photo control; write "
+                       "metrics/evaluate.json + a grid, log to MLflow.", formatter_class=fmt)
+    s.add_argument("--adapter")
+    s.add_argument("--shards")
+    s.add_argument("--split")
+    s.add_argument("--max-identities", dest="max_identities", type=int)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--metrics-out", dest="metrics_out")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(func=_cmd_evaluate)
+
+    r = sub.add_parser("registry", help="MLflow model registry: register, promote, rollback, list, show")
+    rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    s = rs.add_parser("register", help="register an adapter folder (+ eval results) as @candidate")
+    s.add_argument("--adapter", required=True, help="adapter folder (adapter.safetensors + adapter.json)")
+    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics)")
+    s.add_argument("--no-metrics", action="store_true", help="register without evaluation results")
+    s.add_argument("--allow-mismatch", action="store_true", help="accept results made for another adapter file")
+    s.add_argument("--new-version", action="store_true", help="always create a new version")
+    s.add_argument("--name", help="registered model (default: params registry.model_name)")
+    s.add_argument("--alias", default="candidate")
+    s.add_argument("--out", help="write the registration summary here (default: params registry.out)")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_register)
+    s = rs.add_parser("promote", help="move @champion to @candidate if it beats the champion on the gate metrics")
+    s.add_argument("--name")
+    s.add_argument("--version", help="promote this version instead of @candidate")
+    s.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded on the version)")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_promote)
+    s = rs.add_parser("rollback", help="move @champion back to the previous champion")
+    s.add_argument("--name")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_rollback)
+    s = rs.add_parser("list", help="versions with aliases and metrics")
+    s.add_argument("--name")
+    s.add_argument("--all", action="store_true", help="list registered models instead")
+    s.add_argument("--json", action="store_true")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_list)
+    s = rs.add_parser("show", help="one version (number or alias, default champion) as JSON")
+    s.add_argument("ref", nargs="?", default="champion")
+    s.add_argument("--name")
+    _mlflow_args(s)
+    s.set_defaults(func=_cmd_show)
+
+    s = sub.add_parser("mlflow-server", help="run a local MLflow tracking server (SQLite + served artifacts)")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; see README for team servers)")
+    s.add_argument("--backend", default="sqlite:///mlflow-server.db", help="backend store URI")
+    s.add_argument("--artifacts", default="mlartifacts-server", help="artifact folder (or s3://..., gs://...)")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /health")
+    s.set_defaults(func=_cmd_server)
