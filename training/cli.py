@@ -2,12 +2,21 @@
 
     persona train --stage 1|2 [--params params.yaml] [--max-steps N] [--fast-dev-run]
                   [--resume auto|never|CKPT] [--set train.resolution=64 ...]
+                  [--workers N [--use-gpu] [--cpus-per-worker C] [--address RAY_ADDRESS]]   Ray Train (DDP)
+                  [--submit [--address http://HEAD:8265] [--no-wait] [--working-dir DIR]]  as a Ray Job
+
+`--workers N` (or train.cluster.workers) trains on N Ray Train workers (training/cluster.py);
+`--submit` sends this same command (minus the submit options) to a cluster's dashboard as a Ray Job,
+streams its logs and exits with the job's status (`pipeline.jobs.submit_and_wait`).
 """
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 import yaml
+
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -20,11 +29,57 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _cmd_train(args) -> int:
-    from training.train import train
+def job_command(args) -> list[str]:
+    """The submitted job's entrypoint: this `persona train` command without the submit options
+    (the job runs on the cluster, where Ray sets RAY_ADDRESS, so `--workers` uses that cluster)."""
+    cmd = ["python", "-m", "pipeline.cli", "train", "--stage", str(args.stage), "--params", str(args.params),
+           "--resume", str(args.resume)]
+    if args.max_steps is not None:
+        cmd += ["--max-steps", str(args.max_steps)]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    for flag in ("fast_dev_run", "json", "use_gpu"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    for opt in ("workers", "cpus_per_worker", "storage_path"):
+        if getattr(args, opt) is not None:
+            cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    return cmd
 
-    res = train(args.params, args.stage, max_steps=args.max_steps, fast_dev_run=args.fast_dev_run,
-                overrides=_parse_set(args.set), resume=args.resume)
+
+def _cmd_submit(args) -> int:
+    from pipeline import jobs
+
+    entry = job_command(args)
+    print(f"[train] submitting: {shlex.join(entry)}", file=sys.stderr, flush=True)
+    gpus = 1 if args.use_gpu and not args.workers else None
+    return jobs.submit_and_wait(args.address, entry, args.working_dir, None, wait=not args.no_wait,
+                                entrypoint_num_gpus=gpus)
+
+
+def _cmd_train(args) -> int:
+    if args.submit:
+        return _cmd_submit(args)
+    overrides = _parse_set(args.set)
+    workers = args.workers
+    if workers is None:
+        from training.config import train_params
+
+        workers = train_params(args.params, overrides).train.cluster.workers
+    if workers:
+        from training.cluster import train_distributed
+
+        if args.fast_dev_run:
+            raise SystemExit("--fast-dev-run is for one local process: drop --workers (or set train.cluster.workers=0)")
+
+        res = train_distributed(args.params, args.stage, workers, args.use_gpu or None, max_steps=args.max_steps,
+                                overrides=overrides, resume=args.resume, cpus_per_worker=args.cpus_per_worker,
+                                address=args.address, storage_path=args.storage_path)
+    else:
+        from training.train import train
+
+        res = train(args.params, args.stage, max_steps=args.max_steps, fast_dev_run=args.fast_dev_run,
+                    overrides=overrides, resume=args.resume)
     if args.json:
         keep = ("stage", "global_step", "adapter", "adapter_json", "run_id", "tracking_uri", "resumed_from",
                 "metrics", "seconds")
@@ -48,4 +103,15 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a params key, e.g. --set train.synthetic=16 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group("scale-out (Ray Train / Ray Jobs)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="train on N Ray Train workers (DDP; default train.cluster.workers, 0 = one local process)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (or for the submitted job)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default train.cluster)")
+    g.add_argument("--storage-path", default=None, help="Ray Train results/checkpoints (default train.cluster)")
+    g.add_argument("--address", default=None,
+                   help="with --submit: the dashboard URL (http://HEAD:8265); else the Ray cluster for --workers")
+    g.add_argument("--submit", action="store_true", help="run this command on a Ray cluster as a Ray Job")
+    g.add_argument("--no-wait", action="store_true", help="with --submit: print the job id and return")
+    g.add_argument("--working-dir", default=".", help="with --submit: the folder uploaded as the job's code")
     p.set_defaults(func=_cmd_train)

@@ -58,6 +58,23 @@ class SamplingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """`train.cluster:` Ray Train scale-out (`persona train --workers N`; 0 workers = one local process).
+
+    Not part of the run signature: note that N workers x batch_size is a different trajectory from
+    one process (per-rank RNG streams), so do not mix layouts when resuming from local checkpoints."""
+
+    workers: int = 0  # Ray Train workers (DDP ranks); 0 = plain single-process `train()`
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu
+    cpus_per_worker: float = 1.0
+    address: Optional[str] = None  # Ray cluster (null: $RAY_ADDRESS, else an in-process Ray)
+    storage_path: str = "ray_results"  # Ray Train checkpoints/results (shared storage on multi-node clusters)
+    max_failures: int = 1  # worker-group restarts from the last reported checkpoint
+    dashboard: Optional[str] = None  # `persona train --submit`: the head's dashboard (null: $RAY_API_SERVER_ADDRESS)
+
+
+@dataclass
 class TrainConfig:
     """`train:` shared settings."""
 
@@ -79,6 +96,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dvc_lock: str = "dvc.lock"  # where the shards' hash is looked up (lineage)
     shards_stage: str = "shards"  # DVC stage whose `shards` out is the data
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # Ray Train (training/cluster.py)
 
 
 @dataclass
@@ -175,6 +193,8 @@ def _validate(tp: TrainParams) -> TrainParams:
         raise ConfigError(f"train.resolution: must be a positive multiple of 8, got {t.resolution}")
     if t.num_workers < 0 or t.synthetic < 0 or t.threads < 0:
         raise ConfigError("train.num_workers / synthetic / threads must be >= 0")
+    if t.cluster.workers < 0 or t.cluster.max_failures < 0 or t.cluster.cpus_per_worker < 0:
+        raise ConfigError("train.cluster: workers, max_failures and cpus_per_worker must be >= 0")
     if t.sampling.num_faces < 1 or t.sampling.steps < 1:
         raise ConfigError("train.sampling.num_faces and steps must be >= 1")
     if t.base_model.path is None and t.base_model.preset is None:
@@ -236,7 +256,7 @@ def flat_params(obj: Any, prefix: str = "") -> dict[str, Any]:
 # Keys that cannot change the trained weights (excluded from the run signature, so changing them,
 # or raising max_steps, still resumes from the existing checkpoints).
 _NON_TRAJECTORY_TRAIN = ("mlflow", "out_dir", "checkpoints_dir", "metrics_dir", "plots_dir", "num_workers",
-                         "threads", "sampling", "dvc_lock", "shards_stage")
+                         "threads", "sampling", "dvc_lock", "shards_stage", "cluster")
 _NON_TRAJECTORY_STAGE = ("max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last")
 
 
