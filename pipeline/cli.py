@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # one clear line; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"persona {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("(run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
