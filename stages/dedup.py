@@ -93,9 +93,10 @@ def deduplicate(df: pd.DataFrame, threshold: int, across_identities: bool = True
     in_cluster = df["key"].isin(upd_cluster.keys())
     df.loc[in_cluster, "cluster"] = df.loc[in_cluster, "key"].map(upd_cluster)
     # exact clusters in the report too
+    path_of = dict(zip(df["key"], df["path"]))
     for sha, grp in df[exact].groupby("image_id"):
         kept_key = keep_for_sha[sha]
-        kept_path = df.loc[df["key"] == kept_key, "path"].iloc[0]
+        kept_path = path_of[kept_key]
         clusters.append(
             {
                 "cluster": hash_key("exact", sha, length=12),
