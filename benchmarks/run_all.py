@@ -1,0 +1,78 @@
+"""Run every benchmark in sequence (one subprocess each) and print a summary of their targets.
+
+Sizes (defaults of each script, chosen so the suite runs in well under 20 minutes on 2 cores):
+dedup_scale 1,000,000 hashes; stage_throughput / scaling / incremental on a 400-image photo set
+(built once under benchmarks/_work/, ~30 s) plus dedup on a 100,000-row table; scaling 3 repeats per
+worker count; incremental adds 1% (4 photos); loader 3 passes over ~440 faces at 64 px, 2 at 512 px,
+tiny-model steps 5 x 20; gpu_memory only with CUDA. Full logs go to benchmarks/_work/logs/.
+
+    python -m benchmarks.run_all [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, table, write_result
+
+BENCHMARKS = ("dedup_scale", "stage_throughput", "scaling", "incremental", "loader", "gpu_memory")
+NOISE = ("W0000 ", "I0000 ", "WARNING: All log messages before absl", "INFO: Created TensorFlow",
+         "authentication_token_setup")
+LOGS = Path(__file__).resolve().parent / "_work" / "logs"
+
+
+def run(name: str) -> tuple[int, float]:
+    """Run one benchmark; echo its output (minus native-library log noise) and keep a full log."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    t0 = time.perf_counter()
+    with open(LOGS / f"{name}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if not any(n in line for n in NOISE) and "pid=" not in line and "RANDOM WEIGHTS" not in line:
+                print(f"  {line}", end="")
+        rc = proc.wait()
+    return rc, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=BENCHMARKS)
+    args = ap.parse_args()
+    names = args.only or BENCHMARKS
+    t0 = time.perf_counter()
+    timings, rows = {}, []
+    for name in names:
+        print(f"== {name}", flush=True)
+        rc, dt = run(name)
+        timings[name] = {"returncode": rc, "seconds": round(dt, 1)}
+        res = {}
+        p = RESULTS / f"{name}.json"
+        if p.exists():
+            res = json.loads(p.read_text())
+        targets = res.get("targets", {})
+        met = "skipped" if res.get("skipped") else f"{sum(bool(v) for v in targets.values())}/{len(targets)}"
+        rows.append((name, "ok" if rc == 0 else f"FAILED ({rc})", f"{dt:.0f}", met,
+                     ", ".join(k for k, v in targets.items() if not v) or "-"))
+        print(f"   {name}: {dt:.0f}s, rc {rc}", flush=True)
+    total = time.perf_counter() - t0
+    write_result("run_all", {"benchmarks": timings, "total_seconds": round(total, 1), "limit_seconds": 1200,
+                             "within_limit": total < 1200})
+    print()
+    print(table(rows, ("benchmark", "status", "s", "targets met", "missed")))
+    print(f"total {total:.0f}s ({total / 60:.1f} min)")
+    if any(t["returncode"] for t in timings.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Per-stage throughput of Persona (Ray, 1 worker) vs a bare single-process loop, per core.
+
+Workload: `benchmarks.workload.photo_set(n)` (n images composited from the real sample photos,
+~6% exact/near duplicates). Persona runs ingest, dedup, align, masks, identity and shards on an
+empty item store with `runtime.executor: ray`, `runtime.workers: 1` (one actor, one core); the
+bare loops (`benchmarks.bare`) do the same decode -> model -> write work in this process with no
+framework. Both run with OMP_NUM_THREADS=1 (what Ray gives a 1-CPU actor), so ArcFace's
+onnxruntime uses one thread in both.
+
+Reported per stage (units: images for ingest/dedup/align, faces for masks/identity/shards):
+- per core (the target, >= 0.8): items per CPU-second, Persona vs bare. Persona's CPU = the driver
+  process + Ray's system processes + the actor processes (whole-process CPU: Ray worker start,
+  imports, model load, batches); bare = this process during the loop (model load included). CPU
+  seconds, not wall time, because the machine was shared with other jobs (their CPU use during
+  each run is reported as `others_cpu_s`);
+- wall: items/s end to end and in the steady state (Persona's result stream between first and last
+  batch vs the bare loop without model load), from the same run;
+- Persona's phases (setup / startup / stream / finish; actor spawn, model load, batch compute,
+  see `workload.StageTimer`), and the break-even size from which the per-run costs are amortised
+  to the target.
+The Ray start-up (`ray.init`) is measured separately and EXCLUDED from every stage figure. dedup and
+shards run in Persona's driver (no actors); dedup is also measured on a 100,000-row table, and
+each step of the shard writer is timed on its own.
+
+    python -m benchmarks.stage_throughput [--n 400]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import shutil
+import time
+
+from benchmarks import bare
+from benchmarks.common import table, write_result
+from benchmarks.workload import WORK, CpuMeter, context, manifest, params_for, photo_set, quiet, run_stage, start_ray, stop_ray
+
+TARGET = 0.8
+STAGES = ("ingest", "dedup", "align", "masks", "identity", "shards")
+UNITS = {"ingest": "images", "dedup": "images", "align": "images", "masks": "faces", "identity": "faces", "shards": "faces"}
+
+
+def run_persona(photos, root, workers: int) -> tuple[dict, float]:
+    from stages import align, dedup, identity, ingest, masks, shards
+
+    shutil.rmtree(root, ignore_errors=True)
+    params = params_for(photos, root, workers)
+    ctx = context(params, root)
+    ray_s = start_ray(params)
+    out = {}
+    try:
+        for name, mod in zip(STAGES, (ingest, dedup, align, masks, identity, shards)):
+            r = run_stage(mod, ctx)
+            st = r["stats"]
+            r["items"] = st["counts"].get("ok", 0) if name == "shards" else st["inputs"]
+            out[name] = r
+    finally:
+        stop_ray()
+    return out, ray_s
+
+
+def _cpu(fn, *a):
+    with CpuMeter() as m:
+        r = fn(*a)
+    r["cpu"] = m.result()
+    r["cpu_seconds"] = m.c1 - m.c0
+    return r
+
+
+def run_bare(photos, root, params) -> dict:
+    shutil.rmtree(root, ignore_errors=True)
+    out = {}
+    ing = _cpu(bare.ingest, photos, root / "ingest", params.ingest)
+    out["ingest"] = ing
+    dd = _cpu(bare.dedup, ing.pop("rows"), root / "dedup", params.dedup.hamming_threshold)
+    out["dedup"] = dd
+    kept = sorted(r["path"] for r in dd.pop("kept"))
+    al = _cpu(bare.align, kept, root / "align", params.align, params.ingest)
+    out["align"] = al
+    rows = al.pop("rows")
+    out["masks"] = _cpu(bare.masks, rows, root / "align", root / "masks", params.masks, params.align.output_size)
+    out["identity"] = _cpu(bare.identity, rows, root / "align", root / "identity", params.identity)
+    dirs = {"align": root / "align", "masks": root / "masks", "identity": root / "identity"}
+    out["shards"] = _cpu(bare.shards, rows, dirs, root / "shards", params.shards.samples_per_shard)
+    return out
+
+
+def dedup_rows(n: int, seed: int = 0):
+    """An ingest table of n rows (2% exact copies, 2% near copies of earlier hashes) and its bare rows."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(np.uint64)
+    ids = np.array([f"{i:064x}" for i in range(n)], dtype=object)
+    src = rng.integers(0, n // 2, size=n)
+    kind = rng.random(n)
+    exact, near = kind < 0.02, (kind >= 0.02) & (kind < 0.04)
+    exact[: n // 2] = near[: n // 2] = False
+    ids[exact] = ids[src[exact]]
+    h[exact] = h[src[exact]]
+    flips = np.uint64(1) << rng.integers(0, 64, size=n).astype(np.uint64)
+    h[near] = h[src[near]] ^ flips[near]
+    w = rng.integers(256, 2048, size=n)
+    df = pd.DataFrame({
+        "key": [f"{i:016x}" for i in range(n)], "status": "ok", "error": "", "sig": [f"s{i}" for i in range(n)],
+        "source": "labeled", "path": [f"/photos/{i}.jpg" for i in range(n)], "relpath": [f"{i}.jpg" for i in range(n)],
+        "identity": [f"id{i % 1000}" for i in range(n)], "image_id": ids, "width": w, "height": w,
+        "phash": [f"{int(x):016x}" for x in h], "format": "JPEG", "mode": "RGB", "notes": "",
+    })
+    rows = [{"path": p, "image_id": i, "status": "ok", "width": int(a), "height": int(a), "phash": ph}
+            for p, i, a, ph in zip(df["path"], df["image_id"], df["width"], df["phash"])]
+    return df, rows
+
+
+def dedup_at_scale(n: int, root, photos) -> dict:
+    """Persona's dedup stage vs the bare loop on an ingest table of n rows (no images needed)."""
+    from pipeline.store import write_parquet_atomic
+    from stages import dedup
+
+    shutil.rmtree(root, ignore_errors=True)
+    df, rows = dedup_rows(n)
+    (root / "ingest").mkdir(parents=True)
+    write_parquet_atomic(df, root / "ingest" / "table.parquet")
+    params = params_for(photos, root, 1)
+    p = run_stage(dedup, context(params, root))
+    b = _cpu(bare.dedup, rows, root / "bare", params.dedup.hamming_threshold)
+    b.pop("kept")
+    pc = p["cpu"]["this_process_cpu_s"]
+    return {"rows": n, "persona_seconds": round(p["seconds"], 3), "bare_seconds": round(b["loop_seconds"], 3),
+            "persona_cpu_seconds": pc, "bare_cpu_seconds": round(b["cpu_seconds"], 3),
+            "ratio_per_core": round(b["cpu_seconds"] / pc, 3), "ratio_wall": round(b["loop_seconds"] / p["seconds"], 3),
+            "persona_stats": p["stats"],
+            "where": "stages/dedup.py deduplicate(): for each exact-duplicate cluster the kept copy's path is looked up "
+                     "with df.loc[df['key'] == kept_key] (a scan of all rows per cluster: O(clusters x N), about 70% "
+                     "of the stage at 100,000 rows); also one sha256 hash_key per row for `sig` and parquet I/O"}
+
+
+def shards_breakdown(root, params) -> dict:
+    """Where Persona's shards stage spends its time: each step of `write_shards`, timed on its own."""
+    import hashlib
+    import io
+    import os as _os
+    import tarfile
+
+    from pipeline.shards import assign_splits, join_tables, sample_grid, sample_members
+
+    cfg = params.shards
+    t = time.perf_counter()
+    joined = join_tables(root, cfg)
+    t_join = time.perf_counter() - t
+    split_of = assign_splits(joined.rows, cfg.val_fraction, cfg.seed)
+    t = time.perf_counter()
+    members = [sample_members(r, split_of[r["key"]]) for r in joined.rows]
+    t_members = time.perf_counter() - t
+    tmp = root.parent / "breakdown.tar"
+    t = time.perf_counter()
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for ms in members:
+                for name, data in ms:
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        t_tar = time.perf_counter() - t
+        t = time.perf_counter()
+        f.flush()
+        _os.fsync(f.fileno())
+        t_fsync = time.perf_counter() - t
+    t = time.perf_counter()
+    hashlib.sha256(tmp.read_bytes()).hexdigest()
+    t_sha = time.perf_counter() - t
+    size = tmp.stat().st_size
+    tmp.unlink()
+    t = time.perf_counter()
+    sample_grid(joined.rows, split_of, cfg.grid_size, cfg.grid_tile)
+    t_grid = time.perf_counter() - t
+    return {
+        "faces": len(joined.rows), "tar_bytes": size,
+        "join_tables_s": round(t_join, 3), "read_members_and_reencode_npy_s": round(t_members, 3),
+        "tar_write_s": round(t_tar, 3), "fsync_s": round(t_fsync, 3), "sha256_reread_s": round(t_sha, 3),
+        "grid_png_s": round(t_grid, 3),
+        "note": "join_tables reads every stage table and stats/reads every blob header (check_blobs); sample_members "
+                "re-reads the blobs and re-encodes the .npy arrays; write_tar re-reads the whole tar for sha256 "
+                "after an fsync; the grid decodes and draws 16 faces (fixed cost)",
+    }
+
+
+IMPORTS = {"ingest": "stages.ingest", "align": "stages.align, pipeline.models.faces, mediapipe",
+           "masks": "stages.masks, pipeline.models.faces, mediapipe", "identity": "stages.identity, pipeline.models.identity",
+           "torch (imported by pipeline.models.identity)": "torch"}
+
+
+def import_seconds() -> dict:
+    """Seconds a fresh Python process spends importing what each stage's actor imports."""
+    import subprocess
+    import sys
+
+    out = {}
+    for name, mods in IMPORTS.items():
+        code = f"import time; t = time.perf_counter(); import {mods}; print(time.perf_counter() - t)"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=WORK.parent.parent)
+        try:
+            out[name] = round(float(r.stdout.strip().splitlines()[-1]), 3)
+        except (ValueError, IndexError):
+            out[name] = None
+    return out
+
+
+RECOMMENDED = {
+    "per-run actor start": "keep one actor pool per model family alive for the whole pipeline run (or run a stage "
+                           "in-process when it has only a few items to compute): every stage now starts new Ray worker "
+                           "processes that import their stack and load their model again",
+    "identity import": "import torch lazily in pipeline/models/identity.py (only the IResNet .pth backend needs it); "
+                       "the ONNX default pays the torch import in every identity actor (see fresh_process_import_seconds)",
+    "blob writes": "BlobStore.put fsyncs every blob (atomic_write_bytes); fsync the blobs of a part once before its "
+                   "parquet commit instead (about 2-3 ms wall per blob here)",
+    "dedup": "stages/dedup.py: look the kept path up in a dict built once instead of df.loc[df['key'] == kept_key] "
+             "per exact-duplicate cluster (O(clusters x N) -> O(N); measured by hand once, not by this script: "
+             "deduplicate() on the 100,000-row table went from 10.1 s to 2.2 s with that one change, same output)",
+    "shards": "hash the tar while writing it instead of re-reading it, reuse the blob reads of check_blobs, and keep "
+              "grid.png out of the per-run path",
+    "align setup": "detector_info() builds the MediaPipe graphs in the driver only to read the fingerprint; "
+                   "fingerprint the bundled model files without loading them",
+}
+
+
+def persona_cpu(p: dict) -> float:
+    """CPU seconds Persona spent on a stage: driver process + Ray system processes + the actors."""
+    c = p["cpu"]
+    return c["this_process_cpu_s"] + c["ray_system_cpu_s"] + c["measured_workers_cpu_s"]
+
+
+def break_even(p: dict, q: dict, target: float = TARGET) -> float | None:
+    """Items per run from which Persona's per-core rate reaches `target` x bare (CPU seconds).
+
+    Persona CPU(N) = F + N * a: `a` = actor CPU inside the batch calls per item, F = the rest
+    (actor start, imports, model load, driver, Ray system), taken as fixed. Bare CPU(N) = N * b.
+    None when the per-item cost alone is above b / target, or the stage has no actors.
+    """
+    act = p["phases"].get("actor", {})
+    if not act.get("items"):
+        return None
+    a = act["compute_cpu"] / act["items"]
+    fixed = persona_cpu(p) - act["compute_cpu"]
+    b = q["cpu_seconds"] / q["items"]
+    if b - target * a <= 0:
+        return None
+    return max(0.0, target * fixed / (b - target * a))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=400, help="images in the photo set")
+    ap.add_argument("--dedup-rows", type=int, default=100_000, help="rows of the synthetic table for dedup at scale")
+    ap.add_argument("--from-raw", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    quiet()
+
+    t0 = time.perf_counter()
+    photos = photo_set(args.n)
+    set_seconds = time.perf_counter() - t0
+    work = WORK / "stage_throughput"
+    raw = work / "raw.json"
+    params = params_for(photos, work / "persona", 1)
+    if args.from_raw and raw.exists():  # re-render the last measurement (development aid)
+        persona, ray_s, b, shards_bd, dedup_big = json.loads(raw.read_text())
+    else:
+        persona, ray_s = run_persona(photos, work / "persona", workers=1)
+        b = run_bare(photos, work / "bare", params)
+        shards_bd = shards_breakdown(work / "persona", params)
+        dedup_big = dedup_at_scale(args.dedup_rows, work / "dedup_scale", photos)
+        dedup_big["imports"] = import_seconds()
+        raw.write_text(json.dumps([persona, ray_s, b, shards_bd, dedup_big], default=str))
+    imports = dedup_big.pop("imports", {})
+
+    figures, rows, targets = {}, [], {}
+    for s in STAGES:
+        p, q = persona[s], b[s]
+        n = p["items"]
+        q_wall = q["load_seconds"] + q["loop_seconds"]
+        wall_ratio = (n / p["seconds"]) / (q["items"] / q_wall)
+        p_cpu, q_cpu = persona_cpu(p), q["cpu_seconds"]
+        core_ratio = (n / p_cpu) / (q["items"] / q_cpu)
+        steady = None
+        if p["phases"].get("stream_items_per_s"):
+            steady = p["phases"]["stream_items_per_s"] / (q["items"] / q["loop_seconds"])
+        be = break_even(p, q)
+        figures[s] = {
+            "unit": UNITS[s],
+            "persona": {"items": n, "seconds": round(p["seconds"], 3), "items_per_s": round(n / p["seconds"], 2),
+                        "cpu_seconds": round(p_cpu, 3), "items_per_cpu_s": round(n / p_cpu, 2),
+                        "phases": p["phases"], "cpu_use": p["cpu"], "stats": p["stats"]},
+            "bare": {"items": q["items"], "seconds": round(q_wall, 3), "items_per_s": round(q["items"] / q_wall, 2),
+                     "cpu_seconds": round(q_cpu, 3), "items_per_cpu_s": round(q["items"] / q_cpu, 2),
+                     "model_load_seconds": round(q["load_seconds"], 3), "loop_seconds": round(q["loop_seconds"], 3),
+                     "cpu_use": q["cpu"], **({"faces": q["faces"]} if "faces" in q else {})},
+            "ratio_per_core": round(core_ratio, 3),
+            "ratio_wall": round(wall_ratio, 3),
+            "ratio_wall_steady_state": None if steady is None else round(steady, 3),
+            "break_even_items_for_target": None if be is None else int(round(be)),
+            "same_items": n == q["items"],
+        }
+        targets[f"{s}_ge_{TARGET}"] = core_ratio >= TARGET
+        rows.append((s, UNITS[s], n, f"{p_cpu:.2f}", f"{n / p_cpu:.1f}", f"{q_cpu:.2f}", f"{q['items'] / q_cpu:.1f}",
+                     f"{core_ratio:.2f}", f"{wall_ratio:.2f}", "-" if steady is None else f"{steady:.2f}",
+                     "-" if be is None else f"{be:.0f}", f"{p['cpu']['others_cpu_s']:.0f}/{q['cpu']['others_cpu_s']:.0f}",
+                     "yes" if core_ratio >= TARGET else "NO"))
+    d = dedup_big
+    targets[f"dedup_{args.dedup_rows}_rows_ge_{TARGET}"] = d["ratio_per_core"] >= TARGET
+    rows.append((f"dedup, {args.dedup_rows:,} rows", "rows", args.dedup_rows, f"{d['persona_cpu_seconds']:.2f}",
+                 f"{args.dedup_rows / d['persona_cpu_seconds']:.0f}", f"{d['bare_cpu_seconds']:.2f}",
+                 f"{args.dedup_rows / d['bare_cpu_seconds']:.0f}", f"{d['ratio_per_core']:.2f}", f"{d['ratio_wall']:.2f}",
+                 "-", "-", "-", "yes" if d["ratio_per_core"] >= TARGET else "NO"))
+
+    result = {
+        "workload": {"photos": str(photos.relative_to(WORK.parent.parent)), **{k: v for k, v in manifest(photos).items() if k != "files"},
+                     "set_seconds_this_run": round(set_seconds, 1)},
+        "config": {"executor": "ray", "workers": 1, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                   "shards_required": ["masks", "identity"], "note": "wplus (e4e) and caption are not part of this benchmark"},
+        "ray_start_seconds": round(ray_s, 2),
+        "ray_start_excluded": True,
+        "stages": figures,
+        "dedup_at_scale": dedup_big,
+        "shards_breakdown": shards_bd,
+        "fresh_process_import_seconds": imports,
+        "recommended_fixes": RECOMMENDED,
+        "target": f"Persona items per CPU-second >= {TARGET} x the bare loop's, per stage (end to end at this size: "
+                  "actor start, imports, model load, driver and Ray system processes included; ray.init excluded)",
+        "why_cpu_seconds": "the machine was shared with other engineers' test runs (see cpu_use.others_cpu_s), so wall "
+                           "time measured how much CPU the others left us; CPU seconds per item is the per-core cost. "
+                           "Wall-clock ratios from the same run are reported beside it (ratio_wall, ratio_wall_steady_state)",
+        "targets": targets,
+        "noise": "machine shared with other jobs while measured: compare ratios from the same run, not absolute times",
+    }
+    result["missed"] = explain_misses(figures, targets, shards_bd, dedup_big)
+    path = write_result("stage_throughput", result)
+    print(table(rows, ("stage", "unit", "items", "persona cpu-s", "/cpu-s", "bare cpu-s", "/cpu-s", "per-core ratio",
+                       "wall ratio", "wall steady", "break-even n", "others cpu-s p/b", f">={TARGET}")))
+    print(f"ray start {ray_s:.1f}s (excluded); targets met: {sum(targets.values())}/{len(targets)}  -> {path}")
+    for s, why in result["missed"].items():
+        print(f"  {s}: {why}")
+
+
+def explain_misses(figures: dict, targets: dict, shards_bd: dict, dedup_big: dict) -> dict:
+    """Where the time goes, for every stage below the target (from the measured phases and CPU use)."""
+    out = {}
+    for s, f in figures.items():
+        if targets[f"{s}_ge_{TARGET}"]:
+            continue
+        p, q = f["persona"], f["bare"]
+        ph, c = p["phases"], p["cpu_use"]
+        a = ph.get("actor", {})
+        if a.get("items"):
+            fixed = p["cpu_seconds"] - a["compute_cpu"]
+            out[s] = (
+                f"Persona {p['cpu_seconds']:.1f} CPU-s vs bare {q['cpu_seconds']:.1f} CPU-s for {p['items']} {f['unit']}. "
+                f"Inside the batch calls the actor used {a['compute_cpu']:.1f} CPU-s (bare loop {q['cpu_seconds']:.1f}, "
+                f"{a['compute_cpu'] / q['cpu_seconds'] - 1:+.0%}: the stage's per-item extras (JSON columns, fsync'd atomic "
+                f"blob writes) plus noise); the other {fixed:.1f} CPU-s are per-run costs: the actor process outside its "
+                f"batches {a['process_cpu'] - a['compute_cpu']:.1f} CPU-s (new Ray worker process, importing the stage "
+                f"module and its model stack, model load {a.get('model_load', 0):.2f}s wall vs bare {q['model_load_seconds']:.2f}s), "
+                f"the driver {c['this_process_cpu_s']:.1f} CPU-s (setup {ph['setup']:.2f}s, commits and consolidation "
+                f"{ph['finish']:.2f}s after the last batch) and Ray's own processes {c['ray_system_cpu_s']:.1f} CPU-s. "
+                f"At this size the per-run cost is not amortised: the ratio reaches {TARGET} from about "
+                f"{f['break_even_items_for_target']} {f['unit']} per run."
+            )
+        elif s == "shards":
+            bd = shards_bd
+            out[s] = (
+                f"Persona {p['cpu_seconds']:.2f} CPU-s vs bare {q['cpu_seconds']:.2f} for {p['items']} faces, all in the driver "
+                f"(each step timed alone): join_tables {bd['join_tables_s']}s (reads every stage table, stats every blob, "
+                f"reads every .npy header), read members + re-encode npy {bd['read_members_and_reencode_npy_s']}s, tar write "
+                f"{bd['tar_write_s']}s, fsync {bd['fsync_s']}s, sha256 re-read of the finished tar {bd['sha256_reread_s']}s, "
+                f"grid.png {bd['grid_png_s']}s (fixed). The bare loop only reads the member files and writes the tar."
+            )
+        elif s == "dedup":
+            out[s] = (
+                f"Persona {p['cpu_seconds']:.3f} CPU-s vs bare {q['cpu_seconds']:.3f} on {p['items']} rows: fixed parquet "
+                f"read/write and pandas set-up dominate at this size; see dedup_at_scale for the per-row cost."
+            )
+    d = dedup_big
+    if not targets.get(f"dedup_{d['rows']}_rows_ge_{TARGET}", True):
+        out[f"dedup_{d['rows']}_rows"] = (
+            f"Persona {d['persona_cpu_seconds']} CPU-s vs bare {d['bare_cpu_seconds']} on {d['rows']:,} rows. {d['where']}.")
+    return out
+
+
+if __name__ == "__main__":
+    main()
