@@ -3,7 +3,7 @@
 Sizes (defaults of each script, chosen so the suite runs in well under 20 minutes on 2 cores):
 dedup_scale 1,000,000 hashes; stage_throughput / scaling / incremental on a 400-image photo set
 (built once under benchmarks/_work/, ~30 s) plus dedup on a 100,000-row table; scaling 3 repeats per
-worker count; incremental adds 1% (4 photos); loader 3 passes over ~440 faces at 64 px, 2 at 512 px,
+worker count; incremental adds 1% (4 photos); loader 6 passes over ~440 faces at 64 px, 2 at 512 px,
 tiny-model steps 5 x 20; gpu_memory only with CUDA. Full logs go to benchmarks/_work/logs/.
 
     python -m benchmarks.run_all [--only NAME ...]
