@@ -238,13 +238,7 @@ class ArcFace:
             self._init_onnx(path, input_mean, input_std, threads)
         else:
             self._init_torch(path, input_mean, input_std)
-        self.info = ModelInfo(
-            name=f"arcface-{path.stem}",
-            fingerprint=file_fingerprint(path),
-            weights_real=True,
-            license=INSIGHTFACE_LICENSE,
-            source=str(path),
-        )
+        self.info = weights_info(path)
         self.fingerprint = self.info.fingerprint
         announce(self.info)
 
@@ -334,5 +328,10 @@ def model_info(cfg: IdentityConfig) -> ModelInfo:
     path = Path(cfg.model_path) if cfg.model_path else insightface_model_dir() / DEFAULT_ONNX
     if not path.is_file():
         raise FileNotFoundError(f"identity model not found: {path}")
+    return weights_info(path)
+
+
+def weights_info(path: Path) -> ModelInfo:
+    """ModelInfo of an ArcFace weights file (ONNX or IResNet .pth): real weights, hashed."""
     return ModelInfo(name=f"arcface-{path.stem}", fingerprint=file_fingerprint(path), weights_real=True,
                      license=INSIGHTFACE_LICENSE, source=str(path))
