@@ -7,6 +7,7 @@ import torch
 from training.losses import (
     apply_condition_dropout,
     condition_dropout,
+    dropout_from_uniform,
     identity_regulariser,
     mask_to_latent,
     masked_disentangle,
@@ -81,6 +82,19 @@ def test_shuffle_is_a_permutation_and_noise_has_sigma():
         wplus_augment(w, "flip")
 
 
+def test_wplus_augment_with_given_noise():
+    w = torch.randn(4, 18, 512)
+    noise = torch.randn(4, 18, 512)
+    assert torch.equal(wplus_augment(w, "noise", 0.5, noise=noise), w + 0.5 * noise)
+    # both: the permutation from `generator`, then row i of the given noise onto output row i
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(3))
+    got = wplus_augment(w, "both", 0.5, generator=torch.Generator().manual_seed(3), noise=noise)
+    assert torch.equal(got, w[perm] + 0.5 * noise)
+    assert torch.equal(wplus_augment(w, "shuffle", 0.5, torch.Generator().manual_seed(3), noise=noise), w[perm])
+    with pytest.raises(ValueError, match="noise shape"):
+        wplus_augment(w, "noise", noise=noise[:2])
+
+
 def test_condition_dropout_rates():
     n = 200_000
     di, dt = condition_dropout(n, 0.05, 0.05, 0.05, generator=torch.Generator().manual_seed(0))
@@ -98,6 +112,22 @@ def test_condition_dropout_rates():
     assert not di.any() and not dt.any()
     with pytest.raises(ValueError):
         condition_dropout(10, 0.5, 0.4, 0.2)
+
+
+def test_dropout_from_uniform_matches_condition_dropout():
+    u = torch.tensor([0.0, 0.099, 0.1, 0.25, 0.3, 0.5, 0.999])
+    di, dt = dropout_from_uniform(u, 0.1, 0.2, 0.3)  # image < 0.1 <= text < 0.3 <= both < 0.6
+    assert di.tolist() == [True, True, False, False, True, True, False]
+    assert dt.tolist() == [False, False, True, True, True, True, False]
+    # condition_dropout is the same cases on its own uniform draws
+    u = torch.rand(500, generator=torch.Generator().manual_seed(9))
+    a = condition_dropout(500, 0.1, 0.2, 0.3, generator=torch.Generator().manual_seed(9))
+    b = dropout_from_uniform(u, 0.1, 0.2, 0.3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError):
+        dropout_from_uniform(u, 0.5, 0.4, 0.2)
+    with pytest.raises(ValueError):
+        dropout_from_uniform(u, -0.1, 0.0, 0.0)
 
 
 def test_apply_condition_dropout():

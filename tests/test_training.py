@@ -141,6 +141,21 @@ def test_batches_depend_only_on_seed_and_step(shards_dir):
     assert all(p.startswith("a photo of synthetic_") for p in ref["prompt"])
 
 
+def test_rank_batches_split_the_global_batch_sample_for_sample():
+    """World 2 ranks with batch B read exactly the one-process batch of 2B, augmentation included."""
+    src = MemorySource(synthetic_samples(8, size=96, seed=4))
+    aug = train_params({}).stage2.image_aug
+    for b in (0, 3):  # 3: a later data epoch (positions 24..27 of 8 samples)
+        whole = StepBatches(src, 2, 64, 4, seed=5, aug=aug).batch(b)
+        parts = [StepBatches(src, 2, 64, 2, seed=5, rank=r, world=2, aug=aug).batch(b) for r in (0, 1)]
+        assert whole["pos"].tolist() == list(range(4 * b, 4 * b + 4)) and whole["pos"].dtype == torch.int64
+        for k in ("pos", "image", "mask", "wplus"):
+            assert torch.equal(torch.cat([p[k] for p in parts]), whole[k]), k
+        assert parts[0]["key"] + parts[1]["key"] == whole["key"]
+        assert parts[0]["prompt"] + parts[1]["prompt"] == whole["prompt"]
+        assert not torch.equal(whole["image"][0], StepBatches(src, 2, 64, 4, seed=6, aug=aug).batch(b)["image"][0])
+
+
 def test_empty_caption_falls_back_to_a_neutral_prompt():
     samples = synthetic_samples(2, size=64)
     for s in samples:
@@ -238,6 +253,85 @@ def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
     run1 = client.get_run(r1["run_id"])
     assert "loss_rec" not in run1.data.metrics and run1.data.tags["stage"] == "1"
     assert (tmp_path / "plots" / "train_stage1_samples.png").is_file()
+
+
+def reference_module(tp, stage: int):
+    """A WPlusModule outside any Trainer (fresh Stage I adapter; logging off) and its DataModule."""
+    from training.module import WPlusModule
+    from training.train import build_adapter, load_components
+
+    comps = load_components(tp.train)
+    adapter, _ = build_adapter(1, tp, comps)  # stage II freezes its WProj; trains the attention
+    module = WPlusModule(stage, tp, comps, adapter, "reference")
+    module._log_step = lambda parts, batch_size: None
+    module.train()
+    dm = WPlusDataModule(stage, tp.train, tp.stage(stage))
+    dm.setup()
+    return module, dm
+
+
+def step_gradients(module, batches: list[dict], weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Trainable gradients of sum_k weight * training_step(batches[k]) (fresh accumulation)."""
+    module.zero_grad(set_to_none=True)
+    for batch in batches:
+        (module.training_step(batch, 0) * weight).backward()
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_process_step_equals_mean_of_per_rank_half_steps(tmp_path, stage):
+    """Draws are per sample (keyed by global position), so the gradient of one step on the global
+    batch of 2B equals the mean of the two ranks' half-batch gradients (what DDP computes)."""
+    from training.losses import dropout_from_uniform
+    from training.module import draw_per_sample, sample_generators
+
+    drop = {"dropout": {"image": 0.3, "text": 0.3, "both": 0.2}}
+    # stage II: per-sample W+ noise only ("shuffle" permutes within each device's batch, by design)
+    tp = train_params(make_params(tmp_path, train_stage1=drop, train_stage2={**drop, "augment": "noise"}))
+    module, dm = reference_module(tp, stage)
+    B = tp.stage(stage).batch_size
+    b, aug = 0, dm.dataset().aug
+
+    def global_batch(seed: int) -> dict:
+        return StepBatches(dm.train_source, stage, tp.train.resolution, 2 * B, seed, aug=aug).batch(b)
+
+    whole = global_batch(tp.train.seed)
+    # the per-sample dropout path is exercised: image only, text only, and kept both occur in this batch
+    T = module.components.noise_scheduler.config.num_train_timesteps
+    gens = sample_generators(tp.train.seed, whole["pos"].tolist())
+    di, dt = dropout_from_uniform(draw_per_sample(gens, module.latent_shape(whole["image"]), T)["u"], 0.3, 0.3, 0.2)
+    assert (di & ~dt).any() and (dt & ~di).any() and not (di | dt).all()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = step_gradients(module, [whole])
+        got = step_gradients(module, [dm.dataset(b, r, 2).batch(b) for r in (0, 1)], 0.5)
+        other_seed = step_gradients(module, [global_batch(tp.train.seed + 1)])
+    finally:
+        torch.set_num_threads(threads)
+    assert ref and ref.keys() == got.keys()
+    assert sum(float(v.abs().sum()) for v in ref.values()) > 0
+    for n in ref:  # same math on a different batch split: float rounding only
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(other_seed[n], ref[n], rtol=1e-2, atol=1e-6) for n in ref)
+
+
+def test_per_sample_draws_depend_on_the_sample_only():
+    from training.module import draw_per_sample, sample_generators
+
+    shape, wshape = (4, 8, 8), (18, 512)
+    all4 = draw_per_sample(sample_generators(7, [10, 11, 12, 13]), shape, 1000, wshape)
+    assert all4["eps"].shape == (4, *shape) and all4["t"].shape == (4,) and all4["w_noise"].shape == (4, *wshape)
+    assert all4["t"].dtype == torch.int64 and ((all4["u"] >= 0) & (all4["u"] < 1)).all()
+    one = draw_per_sample(sample_generators(7, [12]), shape, 1000, wshape)  # position 12 alone
+    for k in all4:
+        assert torch.equal(one[k][0], all4[k][2]), k
+    # without the W+ noise the earlier draws are unchanged (it is drawn last)
+    no_w = draw_per_sample(sample_generators(7, [10, 11, 12, 13]), shape, 1000)
+    assert "w_noise" not in no_w and all(torch.equal(no_w[k], all4[k]) for k in no_w)
+    assert not torch.equal(draw_per_sample(sample_generators(8, [12]), shape, 1000)["noise"], one["noise"])
+    assert not torch.equal(all4["noise"][0], all4["noise"][1])
 
 
 def test_gradient_checkpointing_and_ema(tmp_path):

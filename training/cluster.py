@@ -2,15 +2,16 @@
 
     train_distributed(params, stage, workers=2, use_gpu=False, ...)  -> dict (rank 0's result)
     persona train --stage 1 --workers 2 [--use-gpu]                  (this, from the CLI)
-    persona train --stage 1 --submit --address http://HEAD:8265      (the same command as a Ray Job)
+    persona train submit --stage 1 --address http://HEAD:8265      (the same command as a Ray Job)
 
 Each Ray Train worker runs the ordinary `training.train.train(...)` with Ray's `RayDDPStrategy`,
 `RayLightningEnvironment`, `RayTrainReportCallback` and `prepare_trainer` passed through its hooks.
 Data: worker r of W reads global samples g = (b * W + r) * B + i of step b (`training.data.StepBatches`),
 so the ranks read disjoint samples and together cover what one process with batch W * B would read.
-Randomness (noise, timesteps, dropout, prompts, crops) is drawn per (seed, step, rank), so a W-worker
-run is a different (equally valid) trajectory from a one-process run with batch W * B; DDP averages
-the ranks' gradients, i.e. the gradient of the mean loss over the W * B samples.
+Randomness (noise, timesteps, dropout, prompts, crops) is drawn per sample, keyed by its global
+position g, so W workers with batch B compute the gradient of one process with batch W * B (DDP
+averages the ranks' gradients = the gradient of the mean loss over the W * B samples); only Stage
+II's W+ shuffle augmentation permutes within each device's batch.
 
 Fault tolerance: every `checkpoint_every` steps the Lightning checkpoint (adapter + optimizer +
 schedule + EMA) is reported to Ray Train (`ray.train.report`); when a worker dies, Ray Train restarts

@@ -10,10 +10,13 @@ Images are (B, 3, R, R) float32 in [-1, 1]; M is (B, 1, R, R) float32 in [0, 1];
 (B, 18, 512) float32. VAE latents are computed on the fly by the LightningModule.
 
 Determinism (exact resume). Batch `b` (micro-batch index; b = global_step * accumulate at the
-start of a run) is a pure function of (seed, b, rank): global sample position
-g = (b * world + rank) * B + i, data epoch e = g // N, sample = permutation(seed, e)[g % N], and
-every random choice of that sample (prompt, crop, jitter) comes from rng(seed, b, rank, i). With
-W DataLoader workers, worker w yields batches b = start + w, start + w + W, ... and the DataLoader
+start of a run) is a pure function of (seed, b, rank, world): sample i of it has the global
+position g = (b * world + rank) * B + i (its position in the one-process batch of world * B),
+data epoch e = g // N, sample = permutation(seed, e)[g % N], and every random choice of that
+sample (prompt, crop, jitter) comes from rng(seed, g). So each sample (and its augmentation) is
+the same whether the global batch is read by one process or split over `world` ranks. The batch
+carries `pos` (B,) = g, from which the LightningModule seeds its per-sample draws. With W
+DataLoader workers, worker w yields batches b = start + w, start + w + W, ... and the DataLoader
 returns them in order, so the stream is the same for any worker count. Shards are read by random
 access: one scan of the tar headers builds an index (sample -> member offsets).
 """
@@ -325,7 +328,11 @@ def pick_prompt(stage: int, caption: Optional[str], u: float) -> str:
 
 
 class StepBatches(IterableDataset):
-    """Infinite stream of whole batches, batch b = f(seed, b, rank) (see module doc); starts at `start`."""
+    """Infinite stream of whole batches, batch b = f(seed, b, rank, world) (see module doc); starts at `start`.
+
+    A batch: {"image", "wplus", ("mask"), "prompt": [str], "key": [str], "step": b,
+    "pos": (B,) int64 global positions g}.
+    """
 
     def __init__(self, source, stage: int, resolution: int, batch_size: int, seed: int, start: int = 0,
                  rank: int = 0, world: int = 1, aug: Optional[ImageAugConfig] = None):
@@ -335,26 +342,31 @@ class StepBatches(IterableDataset):
         self.seed, self.start, self.rank, self.world, self.aug = seed, start, rank, world, aug
         self._perm: tuple[int, Optional[np.ndarray]] = (-1, None)
 
+    def position(self, b: int, i: int) -> int:
+        """Global position g of sample i of batch b: its index in the one-process batch of world * B."""
+        return (b * self.world + self.rank) * self.B + i
+
     def index(self, b: int, i: int) -> int:
         """Source index of sample i of batch b."""
         n = len(self.source)
-        g = (b * self.world + self.rank) * self.B + i
-        epoch, pos = divmod(g, n)
+        epoch, pos = divmod(self.position(b, i), n)
         if self._perm[0] != epoch:
             self._perm = (epoch, np.random.default_rng(seed_of("perm", self.seed, epoch)).permutation(n))
         return int(self._perm[1][pos])
 
     def batch(self, b: int) -> dict:
-        items, prompts, keys = [], [], []
+        items, prompts, keys, positions = [], [], [], []
         for i in range(self.B):
-            u = np.random.default_rng(seed_of("sample", self.seed, b, self.rank, i)).random(9)
+            g = self.position(b, i)
+            u = np.random.default_rng(seed_of("sample", self.seed, g)).random(9)
             s = self.source.get(self.index(b, i), STAGE_KEYS[self.stage])
             ex = stage1_example(s, self.res) if self.stage == 1 else stage2_example(s, self.res, self.aug, u[1:])
             items.append(ex)
             prompts.append(pick_prompt(self.stage, s.get("txt"), u[0]))
             keys.append(s["__key__"])
+            positions.append(g)
         out = {k: torch.stack([e[k] for e in items]) for k in items[0]}
-        out.update(prompt=prompts, key=keys, step=b)
+        out.update(prompt=prompts, key=keys, step=b, pos=torch.tensor(positions, dtype=torch.long))
         return out
 
     def __iter__(self) -> Iterator[dict]:

@@ -64,23 +64,48 @@ def wplus_augment(
     mode: Literal["shuffle", "noise", "both"] = "both",
     sigma: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Augment W+ codes (B, 18, 512) for the disentanglement loss.
 
     shuffle: rows of the batch permuted (a random permutation; B = 1 stays unchanged);
     noise:   w + sigma * N(0, 1) (sigma in W+ units); both: shuffle, then noise.
-    `generator` must live on w's device (or be None).
+    `generator` must live on w's device (or be None). `noise`: the standard-normal draw (B, 18, 512)
+    to use instead of drawing it from `generator` (e.g. drawn per sample); row i is added to output
+    row i (after the shuffle).
     """
     if mode not in ("shuffle", "noise", "both"):
         raise ValueError(f"wplus_augment mode must be shuffle | noise | both, got {mode!r}")
+    if noise is not None and noise.shape != w.shape:
+        raise ValueError(f"wplus_augment: noise shape {tuple(noise.shape)} != w shape {tuple(w.shape)}")
     out = w
     if mode in ("shuffle", "both"):
         perm = torch.randperm(w.shape[0], generator=generator, device=w.device)
         out = out[perm]
     if mode in ("noise", "both"):
-        noise = torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype)
-        out = out + sigma * noise
+        if noise is None:
+            noise = torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+        out = out + sigma * noise.to(w.device, w.dtype)
     return out
+
+
+def _check_dropout_probs(p_image: float, p_text: float, p_both: float) -> None:
+    for p in (p_image, p_text, p_both):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probabilities must be in [0, 1], got {(p_image, p_text, p_both)}")
+    if p_image + p_text + p_both > 1.0 + 1e-9:
+        raise ValueError(f"p_image + p_text + p_both must be <= 1, got {p_image + p_text + p_both}")
+
+
+def dropout_from_uniform(
+    u: torch.Tensor, p_image: float = 0.05, p_text: float = 0.05, p_both: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop_image, drop_text) bool masks (B,) from one uniform u in [0, 1) per sample (B,); the
+    cases of `condition_dropout` (u < p_image: image only; < p_image + p_text: text only; < sum: both)."""
+    _check_dropout_probs(p_image, p_text, p_both)
+    a, b, c = p_image, p_image + p_text, p_image + p_text + p_both
+    image_only, text_only, both = u < a, (u >= a) & (u < b), (u >= b) & (u < c)
+    return image_only | both, text_only | both
 
 
 def condition_dropout(
@@ -97,18 +122,12 @@ def condition_dropout(
     u < p_image -> image only; < p_image + p_text -> text only; < sum -> both; else neither. So
     P(drop_image) = p_image + p_both, P(drop_text) = p_text + p_both, P(both) = p_both.
     Dropping the image = zero W+ code (-> WProj gives its null tokens); dropping the text = "" prompt
-    (`apply_condition_dropout`).
+    (`apply_condition_dropout`). With per-sample uniforms already drawn: `dropout_from_uniform`.
     """
-    for p in (p_image, p_text, p_both):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probabilities must be in [0, 1], got {(p_image, p_text, p_both)}")
-    if p_image + p_text + p_both > 1.0 + 1e-9:
-        raise ValueError(f"p_image + p_text + p_both must be <= 1, got {p_image + p_text + p_both}")
+    _check_dropout_probs(p_image, p_text, p_both)
     gen_dev = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(batch_size, generator=generator, device=gen_dev)
-    a, b, c = p_image, p_image + p_text, p_image + p_text + p_both
-    image_only, text_only, both = u < a, (u >= a) & (u < b), (u >= b) & (u < c)
-    drop_image, drop_text = image_only | both, text_only | both
+    drop_image, drop_text = dropout_from_uniform(u, p_image, p_text, p_both)
     if device is not None:
         drop_image, drop_text = drop_image.to(device), drop_text.to(device)
     return drop_image, drop_text

@@ -9,8 +9,15 @@ Both: condition dropout (zero W+ code / empty prompt) for classifier-free guidan
 linear warm-up, gradient clipping and mixed precision via the Trainer, optional gradient
 checkpointing and EMA of the adapter weights.
 
-Randomness (VAE posterior sample, timesteps, noise, dropout, W+ augmentation) comes from a CPU
-generator seeded by (seed, data batch index, rank) only, so a resumed run repeats exactly what an
+Randomness is drawn per SAMPLE: each sample's VAE posterior eps, diffusion noise, timestep,
+condition-dropout uniform and (Stage II) W+ augmentation noise come, in that order, from its own CPU
+generator seeded by (seed, g), g = the sample's global position in the global batch (`batch["pos"]`,
+see `training.data.StepBatches`). The draws therefore do not depend on how the global batch is split
+over ranks: W DDP workers with batch B compute the gradient of one process with batch W * B (up to
+float rounding). The one batch-level draw, Stage II's "shuffle" permutation, comes from a generator
+seeded by (seed, data batch index, rank) and permutes within the per-device batch (so with "shuffle"
+or "both" a W-worker Stage II run is not the one-process run with batch W * B). All of it is a pure
+function of (seed, data batch index, rank, world), so a resumed run repeats exactly what an
 uninterrupted one does. Lightning checkpoints hold the adapter weights only (never the frozen
 UNet / VAE / text encoder), plus the optimizer, scheduler, EMA and loss history.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -30,7 +37,7 @@ from pipeline.models.diffusion import DiffusionComponents
 from training.adapters import WPlusAdapter
 from training.config import StageConfig, TrainParams
 from training.data import seed_of
-from training.losses import apply_condition_dropout, condition_dropout, noise_mse, stage2_loss, wplus_augment
+from training.losses import apply_condition_dropout, dropout_from_uniform, noise_mse, stage2_loss, wplus_augment
 
 log = logging.getLogger("persona.training.module")
 
@@ -81,6 +88,43 @@ class AdapterEMA:
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+
+
+def sample_generators(seed: int, positions: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, global position g) only."""
+    return [torch.Generator().manual_seed(seed_of("draw", seed, int(g))) for g in positions]
+
+
+def draw_per_sample(generators: Sequence[torch.Generator], latent_shape: tuple[int, ...], num_timesteps: int,
+                    wplus_shape: Optional[tuple[int, ...]] = None) -> dict[str, torch.Tensor]:
+    """Each sample's training draws from its own generator, in this fixed order: VAE posterior eps
+    (latent_shape), diffusion noise (latent_shape), timestep in [0, num_timesteps), condition-dropout
+    uniform in [0, 1), then (when wplus_shape is given) the W+ augmentation noise.
+
+    Returns CPU tensors stacked over samples: {"eps": (B, *latent_shape), "noise": (B, *latent_shape),
+    "t": (B,) int64, "u": (B,) float32, ["w_noise": (B, *wplus_shape)]}; sample i's rows depend on
+    generators[i] only.
+    """
+    rows: list[dict[str, torch.Tensor]] = []
+    for g in generators:
+        r = {"eps": torch.randn(latent_shape, generator=g), "noise": torch.randn(latent_shape, generator=g),
+             "t": torch.randint(0, num_timesteps, (), generator=g), "u": torch.rand((), generator=g)}
+        if wplus_shape is not None:
+            r["w_noise"] = torch.randn(wplus_shape, generator=g)
+        rows.append(r)
+    if not rows:
+        raise ValueError("draw_per_sample: no generators (empty batch)")
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def batch_positions(batch: dict) -> list[int]:
+    """The global sample positions g of a training batch (`pos`, added by `training.data.StepBatches`)."""
+    if "pos" not in batch:
+        raise KeyError("training batch lacks 'pos' (global sample positions; see training.data.StepBatches)")
+    pos = [int(g) for g in torch.as_tensor(batch["pos"]).reshape(-1).tolist()]
+    if len(pos) != len(batch["image"]):
+        raise ValueError(f"training batch has {len(batch['image'])} images but {len(pos)} positions")
+    return pos
 
 
 def warmup_lambda(warmup_steps: int):
@@ -151,12 +195,19 @@ class WPlusModule(L.LightningModule):
             self._null_text = self.encode_text([""])
         return self._null_text
 
+    def latent_shape(self, images: torch.Tensor) -> tuple[int, int, int]:
+        """(C, H/f, W/f) of one image's VAE latent, f = the VAE's downsampling factor."""
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.vae.config.latent_channels), images.shape[-2] // f, images.shape[-1] // f
+
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents (posterior sample, CPU noise)."""
+    def encode_images(self, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) scaled latents: the posterior sample
+        mean + std * eps, eps (B, C, H/f, W/f) standard normal (drawn by the caller)."""
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+        if eps.shape != dist.mean.shape:
+            raise ValueError(f"encode_images: eps shape {tuple(eps.shape)} != latent shape {tuple(dist.mean.shape)}")
+        return (dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)) * self.vae.config.scaling_factor
 
     def _unet(self, zt: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(zt.to(self.unet.dtype), t, text.to(self.unet.dtype)).sample
@@ -164,17 +215,20 @@ class WPlusModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         b = int(batch["step"])
-        g = torch.Generator().manual_seed(seed_of("step", self.seed, b, self.rank))
         images, w = batch["image"], batch["wplus"].float()
         B = images.shape[0]
         sched = self.components.noise_scheduler
-        z0 = self.encode_images(images, g)
-        noise = torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype)
-        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g).to(z0.device)
+        s2 = self.params.stage2
+        w_noise = self.stage_n == 2 and s2.augment in ("noise", "both")
+        draws = draw_per_sample(sample_generators(self.seed, batch_positions(batch)), self.latent_shape(images),
+                                sched.config.num_train_timesteps, tuple(w.shape[1:]) if w_noise else None)
+        z0 = self.encode_images(images, draws["eps"])
+        noise = draws["noise"].to(z0.device, z0.dtype)
+        t = draws["t"].to(z0.device)
         zt = sched.add_noise(z0, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         d = self.scfg.dropout
-        drop_image, drop_text = condition_dropout(B, d.image, d.text, d.both, generator=g)
+        drop_image, drop_text = dropout_from_uniform(draws["u"], d.image, d.text, d.both)
         text = self.encode_text(batch["prompt"])
         w, text = apply_condition_dropout(w, text, self.null_text(), drop_image.to(w.device), drop_text.to(w.device))
 
@@ -186,8 +240,10 @@ class WPlusModule(L.LightningModule):
             eps = self._unet(zt, t, text)
             parts = {"loss": noise_mse(eps, target)}
         else:
-            s2 = self.params.stage2
-            w_aug = wplus_augment(w.detach().cpu(), s2.augment, s2.noise_sigma, generator=g).to(w.device)
+            # the shuffle permutes within this device's batch: drawn per (seed, step, rank), not per sample
+            shuffle = torch.Generator().manual_seed(seed_of("shuffle", self.seed, b, self.rank))
+            w_aug = wplus_augment(w.detach().cpu(), s2.augment, s2.noise_sigma, generator=shuffle,
+                                  noise=draws.get("w_noise")).to(w.device)
             w_aug = w_aug * (~drop_image).to(w_aug.device, w_aug.dtype).view(-1, 1, 1)  # dropped codes stay null
             with torch.no_grad():
                 with self.adapter.conditioned(w=w_aug, scale=1.0):
