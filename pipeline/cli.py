@@ -4,6 +4,11 @@
     persona stage NAME                  run one DVC stage (what dvc.yaml calls)
     persona build --source DIR --out DIR [--until STAGE]
                                         run the data stages on any folder, outside DVC
+    persona build [--params params.yaml] [--until STAGE]
+                                        run the data stages configured in the params (what
+                                        dvc.yaml's data stages run, in order) on its data_root
+    persona build submit [the options above] [--address URL] [--no-wait] [--working-dir DIR]
+                                        the same as a Ray Job on a cluster: stream, wait, exit status
     persona stages                      list the data stages in order
 
 Stages are looked up by name (`stages.<name>`), so `pipeline` keeps no import-time dependency on
@@ -79,17 +84,46 @@ def _cmd_stage(args) -> int:
     return 0
 
 
+def build_job_command(args) -> list[str]:
+    """The entrypoint of `persona build submit`: this build command without the submit options.
+    Paths are passed as given: the job reads them on the cluster (relative to its working dir)."""
+    from pipeline.jobs import job_entrypoint
+
+    return job_entrypoint("build", args, options=("source", "out", "until", "name", "params"), flags=("unlabeled",))
+
+
+def _check_build_args(args) -> None:
+    if args.source is None:
+        if args.name or args.unlabeled:
+            raise SystemExit("--name / --unlabeled apply to --source only")
+    elif args.out is None:
+        raise SystemExit("--source needs --out (the folder for the item stores and metrics)")
+
+
 def _cmd_build(args) -> int:
+    from pipeline.jobs import is_submit
+
+    _check_build_args(args)
+    if is_submit(args):
+        from pipeline.jobs import submit_command
+
+        return submit_command(args, build_job_command(args), "build")
+
     from pipeline.config import SourceConfig, load_params
     from pipeline.stage import Context
 
-    params = load_params(args.params)  # a missing file gives the defaults
-    src = Path(args.source)
-    if not src.exists():
-        raise SystemExit(f"--source {src} does not exist")
-    params.ingest.sources = [SourceConfig(name=args.name or src.name or "source", path=str(src), labeled=not args.unlabeled)]
-    out = Path(args.out)
-    ctx = Context.make(params, out, out / "metrics")
+    if args.source is None and not Path(args.params).is_file():
+        raise SystemExit(f"--params {args.params}: no such file (without --source, build runs the stages it configures)")
+    params = load_params(args.params)  # with --source, a missing file gives the defaults
+    if args.source is not None:
+        src = Path(args.source)
+        if not src.exists():
+            raise SystemExit(f"--source {src} does not exist")
+        params.ingest.sources = [SourceConfig(name=args.name or src.name or "source", path=str(src), labeled=not args.unlabeled)]
+    if args.out is not None:
+        ctx = Context.make(params, args.out, Path(args.out) / "metrics")
+    else:  # exactly what `persona stage NAME` (dvc.yaml) uses: data_root and metrics/
+        ctx = Context.make(params)
     stages = available_stages()
     if args.until:
         if args.until not in stages:
@@ -97,7 +131,7 @@ def _cmd_build(args) -> int:
         stages = stages[: stages.index(args.until) + 1]
     for name in stages:
         run_stage(name, ctx)
-    print(f"[build] done: outputs under {out}, metrics under {out / 'metrics'}")
+    print(f"[build] done: outputs under {ctx.root}, metrics under {ctx.metrics_dir}")
     return 0
 
 
@@ -116,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Typical use: `make demo` (dvc repro on the bundled sample), or\n"
         "  persona build --source ~/photos --out /tmp/persona-out\n"
+        "  persona build submit --address http://HEAD:8265 --params data/params.yaml   (as a Ray Job)\n"
         "Set RAY_ADDRESS to run the stages on a Ray cluster.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,16 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "build",
-        help="run the data stages on any folder, outside DVC",
-        description="Run the data stages on DIR (subfolders = identities, loose files = unlabeled) "
-        "with the same code the DVC stages call. Reruns are incremental.",
+        help="run the data stages (on any folder, or as configured), outside DVC; `build submit`: as a Ray Job",
+        description="Run the data stages in order with the same code the DVC stages call; reruns are "
+        "incremental. With --source DIR: on that folder (subfolders = identities, loose files = unlabeled), "
+        "into --out. Without: on the sources of the params file, into its data_root and metrics/ "
+        "(like `persona stage NAME` for each stage; --out moves both). "
+        "`persona build submit ...` sends the same command to a Ray cluster as a Ray Job.",
     )
-    s.add_argument("--source", required=True, help="folder of photos: <identity>/<photo> or loose photos")
-    s.add_argument("--out", required=True, help="output folder (item store, metrics)")
+    from pipeline.jobs import add_submit_options
+
+    s.add_argument("--source", help="folder of photos: <identity>/<photo> or loose photos (default: the params' sources)")
+    s.add_argument("--out", help="output folder: item stores and metrics/ (required with --source; default: data_root)")
     s.add_argument("--until", help="stop after this stage")
-    s.add_argument("--name", help="source name recorded in the rows (default: folder name)")
-    s.add_argument("--unlabeled", action="store_true", help="treat every photo as unlabeled")
-    s.add_argument("--params", default="params.yaml", help="params file for stage settings (default: params.yaml if present)")
+    s.add_argument("--name", help="with --source: source name recorded in the rows (default: folder name)")
+    s.add_argument("--unlabeled", action="store_true", help="with --source: treat every photo as unlabeled")
+    s.add_argument("--params", default="params.yaml", help="params file for stage settings (default: params.yaml)")
+    add_submit_options(s)
     s.set_defaults(func=_cmd_build)
 
     s = sub.add_parser("stages", help="list the data stages in order")

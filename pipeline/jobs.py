@@ -2,6 +2,7 @@
 
     persona jobs submit [--address URL] [--working-dir DIR] [--env K=V]... [--no-wait] -- CMD...
     persona jobs status ID | logs ID [--follow] | stop ID | list
+    persona train submit ... / persona build submit ...   (add_submit_options: a command as a Ray Job)
 
 The address is the cluster's dashboard (`http://HOST:8265`; default `$RAY_API_SERVER_ADDRESS`,
 else `http://127.0.0.1:8265`, e.g. a `kubectl port-forward`). Inside the job, `RAY_ADDRESS` is set
@@ -224,6 +225,70 @@ def _cli(fn):
             raise
 
     return run
+
+
+# ------------------------------------------------- `persona train submit` / `persona build submit`
+
+ENTRY_PREFIX = ["python", "-m", "pipeline.cli"]
+
+
+def add_submit_options(parser, address: bool = True) -> None:
+    """The `submit` action and its options, for commands that can send themselves as a Ray Job.
+
+    Adds an optional positional `action` (`persona CMD submit ...`), `--submit` (its older
+    spelling), `--address` (unless the command defines its own), `--working-dir`, `--env`, `--no-wait`.
+    Use `is_submit(args)`, `job_entrypoint(...)` and `submit_command(...)` in the command.
+    """
+    parser.add_argument("action", nargs="?", choices=["submit"], default=None, metavar="submit",
+                        help="run this command on a Ray cluster as a Ray Job, stream its logs and exit "
+                        "with its status")
+    g = parser.add_argument_group("Ray Job (with `submit`)")
+    g.add_argument("--submit", action="store_true", help="the same as `submit` (its older spelling)")
+    if address:
+        g.add_argument("--address", default=None,
+                       help=f"the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS})")
+    g.add_argument("--working-dir", default=".", metavar="DIR",
+                   help="folder uploaded as the job's code and working directory (default: .); `none`: run in "
+                   "the cluster's own copy (the image's working dir, e.g. /app)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable)")
+    g.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+
+def is_submit(args) -> bool:
+    """Whether the parsed command asked to run as a Ray Job (`CMD submit ...` or `CMD --submit ...`)."""
+    return getattr(args, "action", None) == "submit" or bool(getattr(args, "submit", False))
+
+
+def job_entrypoint(command: str, args, options: Sequence[str] = (), flags: Sequence[str] = (),
+                   repeated: Sequence[str] = ()) -> list[str]:
+    """`python -m pipeline.cli COMMAND ...` rebuilt from parsed `args`, without the submit options.
+
+    `options`: dests passed as `--opt VALUE` when not None; `repeated`: list dests passed once per
+    value; `flags`: store_true dests passed as `--flag` when set. Dest `max_steps` is `--max-steps`.
+    """
+    cmd = ENTRY_PREFIX + [command]
+    for dest in options:
+        value = getattr(args, dest)
+        if value is not None:
+            cmd += [_flag(dest), str(value)]
+    for dest in repeated:
+        for value in getattr(args, dest) or []:
+            cmd += [_flag(dest), str(value)]
+    cmd += [_flag(dest) for dest in flags if getattr(args, dest)]
+    return cmd
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def submit_command(args, entry: list[str], label: str, entrypoint_num_gpus: float | None = None) -> int:
+    """Submit `entry` with the options from `add_submit_options`; the process exit code (`submit_and_wait`)."""
+    wd = None if args.working_dir in (None, "", "none") else args.working_dir
+    print(f"[{label}] submitting: {shlex.join(entry)}", file=sys.stderr, flush=True)
+    return _cli(lambda a: submit_and_wait(a.address, entry, wd, _parse_env(a.env), wait=not a.no_wait,
+                                          entrypoint_num_gpus=entrypoint_num_gpus))(args)
 
 
 def _cmd_submit(args) -> int:

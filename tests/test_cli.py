@@ -1,6 +1,8 @@
 import subprocess
 
 import pandas as pd
+import pytest
+import yaml
 
 from tests.conftest import PERSONA
 
@@ -30,3 +32,95 @@ def test_build_on_any_folder(tmp_path, sample_raw):
     assert len(t) == 7 and set(t["identity"]) == {"obama", "biden", "yao_ming", "grace_hopper", "eileen_collins"}
     assert (out / "metrics" / "ingest.json").exists()
     assert not (out / "align").exists()  # --until stops after dedup
+
+
+# ------------------------------------------------------- `persona train submit` / `persona build submit`
+
+SUBMIT_OPTS = ["--address", "http://127.0.0.1:1", "--working-dir", "/somewhere", "--env", "A=1", "--no-wait"]
+
+
+def _parse(argv):
+    from pipeline.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_help_shows_submit():
+    for cmd in ("train", "build"):
+        out = subprocess.run(PERSONA + [cmd, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "[submit]" in out and "--no-wait" in out and "--working-dir" in out, out
+
+
+def test_train_submit_and_the_submit_flag_give_one_job_entrypoint():
+    from pipeline.jobs import is_submit
+    from training.cli import job_command
+
+    train = ["--stage", "2", "--params", "p.yaml", "--max-steps", "3", "--set", "train.resolution=64",
+             "--set", "train.seed=1", "--workers", "2", "--cpus-per-worker", "0.5", "--use-gpu", "--json"]
+    spelled = _parse(["train", "submit", *train, *SUBMIT_OPTS])
+    flagged = _parse(["train", *train, "--submit", *SUBMIT_OPTS])
+    assert is_submit(spelled) and is_submit(flagged) and not is_submit(_parse(["train", *train]))
+    entry = job_command(spelled)
+    assert entry == job_command(flagged)
+    assert entry[:4] == ["python", "-m", "pipeline.cli", "train"]
+    assert not {"submit", "--submit", "--address", "--working-dir", "--env", "--no-wait"} & set(entry)
+    # the job runs exactly the local command: the entrypoint parses back to the same options, not a submit
+    back = _parse(entry[3:])
+    assert not is_submit(back)
+    for key in ("stage", "params", "max_steps", "set", "workers", "cpus_per_worker", "use_gpu", "json", "resume"):
+        assert getattr(back, key) == getattr(spelled, key), key
+
+
+def test_build_submit_job_entrypoint():
+    from pipeline.cli import build_job_command
+    from pipeline.jobs import is_submit
+
+    build = ["--source", "photos", "--out", "/tmp/o", "--until", "dedup", "--name", "mine", "--unlabeled",
+             "--params", "data/params.yaml"]
+    args = _parse(["build", "submit", *build, *SUBMIT_OPTS])
+    assert is_submit(args) and args.no_wait and args.address == "http://127.0.0.1:1" and args.env == ["A=1"]
+    entry = build_job_command(args)
+    assert entry[:4] == ["python", "-m", "pipeline.cli", "build"]
+    back = _parse(entry[3:])
+    assert not is_submit(back)
+    assert {k: getattr(back, k) for k in ("source", "out", "until", "name", "unlabeled", "params")} == {
+        "source": "photos", "out": "/tmp/o", "until": "dedup", "name": "mine", "unlabeled": True, "params": "data/params.yaml"}
+    # params mode: nothing but the params (and --until)
+    assert build_job_command(_parse(["build", "submit", "--params", "p.yaml", "--until", "ingest"])) == [
+        "python", "-m", "pipeline.cli", "build", "--until", "ingest", "--params", "p.yaml"]
+
+
+def test_build_argument_errors_before_any_submission(tmp_path):
+    from pipeline import cli
+
+    # (the address is a closed port: reaching it would fail with a connection error, not these)
+    for argv, msg in (
+        (["build", "submit", "--source", "x", "--address", "http://127.0.0.1:1"], "--source needs --out"),
+        (["build", "submit", "--unlabeled", "--address", "http://127.0.0.1:1"], "apply to --source only"),
+        (["build", "--params", str(tmp_path / "none.yaml")], "no such file"),
+        (["build", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist"),
+    ):
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(argv)
+
+
+def test_build_from_params_runs_the_configured_data_stages(tmp_path, sample_raw):
+    """`persona build` without --source = `persona stage NAME` for each data stage, in order."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data_root": str(tmp_path / "data"),
+        "runtime": {"executor": "local", "progress": False},
+        "ingest": {"sources": [{"name": "sample", "path": str(sample_raw / "sample")}]},
+    }))
+    r = subprocess.run(PERSONA + ["build", "--params", str(params), "--until", "dedup"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[ingest]" in r.stdout and "[dedup]" in r.stdout and "[align]" not in r.stdout
+    t = pd.read_parquet(tmp_path / "data" / "dedup" / "table.parquet")
+    assert len(t) == 7 and set(t["source"]) == {"sample"}
+    assert (tmp_path / "metrics" / "dedup.json").is_file()  # metrics/ beside, as dvc.yaml has it
+    assert not (tmp_path / "data" / "align").exists()
+    # what `persona stage dedup` would compute next is already there: nothing to redo
+    r = subprocess.run(PERSONA + ["stage", "dedup", "--params", str(params)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0 and "computed=0" in r.stdout, r.stdout + r.stderr

@@ -3,7 +3,8 @@
 - `persona stage ingest` / `dedup` attached to the cluster spread work over both nodes and write
   tables byte-identical to an in-process run;
 - a worker node whose raylet is SIGKILLed mid-ingest: the stage completes, every item exactly once;
-- `persona jobs submit` against the head's dashboard streams logs and returns the job's status.
+- `persona jobs submit` against the head's dashboard streams logs and returns the job's status;
+- `persona build submit` runs the data build as a Ray Job (streamed, waited, its status as exit code).
 
 Each node is a `ray start --block` process of its own; teardown ends exactly those processes (never
 `ray stop`, which would end every Ray process of the machine).
@@ -330,6 +331,65 @@ def test_jobs_submit_streams_logs_and_returns_status(cluster, tmp_path, monkeypa
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(Exception, match="(?i)auth"):
         jobs.client(cluster.dashboard).list_jobs()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_build_submit_runs_the_build_as_a_ray_job(cluster, sample_raw, tmp_path, monkeypatch, capsys):
+    """`persona build submit`: the params-driven build as a Ray Job, logs streamed, the job's status as
+    exit code; `--no-wait` prints an id that `persona jobs status` / `logs` find; `jobs stop` stops."""
+    from pipeline import cli, jobs
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    jobs.client(cluster.dashboard, retries_s=60)
+    wd = tmp_path / "wd"  # the code the job runs (uploaded)
+    for pkg in ("pipeline", "stages"):
+        shutil.copytree(REPO / pkg, wd / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    params = _params(tmp_path, sample_raw, batch_size=1, part_size=2)
+    params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), "data_root": str(tmp_path / "data")}))
+    base = ["build", "submit", "--address", cluster.dashboard, "--working-dir", str(wd)]
+
+    capsys.readouterr()
+    assert cli.main(base + ["--params", str(params), "--until", "dedup"]) == 0
+    cap = capsys.readouterr()
+    assert "[ingest] inputs=" in cap.out and "[dedup] inputs=" in cap.out and "[build] done" in cap.out  # streamed
+    assert "[align]" not in cap.out
+    assert "python -m pipeline.cli build --until dedup --params" in cap.err and "SUCCEEDED (exit 0)" in cap.err
+    run = _last_run(tmp_path / "data", "ingest")
+    assert run["computed"] == run["inputs"] >= 8
+    assert len(run["nodes"]) == 2, f"the job's stage did not use the cluster: {run['nodes']}"
+    dedup = pd.read_parquet(tmp_path / "data" / "dedup" / "table.parquet")
+    assert len(dedup) == run["inputs"]
+
+    # a build that fails inside the job: non-zero exit, the job's error in the streamed log
+    assert cli.main(base + ["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 1
+    cap = capsys.readouterr()
+    assert "does not exist" in cap.out and "FAILED (exit 1)" in cap.err
+    assert not (tmp_path / "bad").exists()
+
+    # --no-wait: the job id, which `persona jobs status` / `logs` then report (a rerun: nothing to compute)
+    assert cli.main(base + ["--params", str(params), "--until", "ingest", "--no-wait"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"raysubmit_\w+", job_id), job_id
+    assert jobs.wait_for(jobs.client(cluster.dashboard), job_id, timeout_s=120) == "SUCCEEDED"
+    assert cli.main(["jobs", "status", "--address", cluster.dashboard, job_id]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{job_id} SUCCEEDED")
+    assert cli.main(["jobs", "logs", "--address", cluster.dashboard, job_id]) == 0
+    assert f"computed=0 cached={run['inputs']}" in capsys.readouterr().out
+
+    # `persona jobs stop` ends a running job
+    assert cli.main(["jobs", "submit", "--address", cluster.dashboard, "--no-wait", "--",
+                     sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(120)"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    c = jobs.client(cluster.dashboard)
+    t0 = time.monotonic()
+    while jobs._status(c, job_id) != "RUNNING":
+        assert time.monotonic() - t0 < 60, jobs._status(c, job_id)
+        time.sleep(0.5)
+    assert cli.main(["jobs", "stop", "--address", cluster.dashboard, job_id]) == 0
+    assert capsys.readouterr().out.strip() == f"{job_id} stop requested"
+    assert jobs.wait_for(c, job_id, timeout_s=60) == "STOPPED"
 
 
 def test_job_token_and_runtime_env(monkeypatch, tmp_path):

@@ -3,20 +3,19 @@
     persona train --stage 1|2 [--params params.yaml] [--max-steps N] [--fast-dev-run]
                   [--resume auto|never|CKPT] [--set train.resolution=64 ...]
                   [--workers N [--use-gpu] [--cpus-per-worker C] [--address RAY_ADDRESS]]   Ray Train (DDP)
-                  [--submit [--address http://HEAD:8265] [--no-wait] [--working-dir DIR]]  as a Ray Job
+    persona train submit --stage 1|2 [the options above]
+                  [--address http://HEAD:8265] [--no-wait] [--working-dir DIR|none] [--env K=V]  as a Ray Job
 
 `--workers N` (or train.cluster.workers) trains on N Ray Train workers (training/cluster.py);
-`--submit` sends this same command (minus the submit options) to a cluster's dashboard as a Ray Job,
-streams its logs and exits with the job's status (`pipeline.jobs.submit_and_wait`).
+`submit` (older spelling: `--submit`) sends this same command (minus the submit options) to a
+cluster's dashboard as a Ray Job, streams its logs and exits with the job's status
+(`pipeline.jobs.submit_and_wait`), so a DVC stage can block on it; `--no-wait` prints the job id.
 """
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 
 import yaml
-
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -32,33 +31,26 @@ def _parse_set(items: list[str]) -> dict:
 def job_command(args) -> list[str]:
     """The submitted job's entrypoint: this `persona train` command without the submit options
     (the job runs on the cluster, where Ray sets RAY_ADDRESS, so `--workers` uses that cluster)."""
-    cmd = ["python", "-m", "pipeline.cli", "train", "--stage", str(args.stage), "--params", str(args.params),
-           "--resume", str(args.resume)]
-    if args.max_steps is not None:
-        cmd += ["--max-steps", str(args.max_steps)]
-    for item in args.set or []:
-        cmd += ["--set", item]
-    for flag in ("fast_dev_run", "json", "use_gpu"):
-        if getattr(args, flag):
-            cmd.append("--" + flag.replace("_", "-"))
-    for opt in ("workers", "cpus_per_worker", "storage_path"):
-        if getattr(args, opt) is not None:
-            cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
-    return cmd
+    from pipeline.jobs import job_entrypoint
+
+    return job_entrypoint(
+        "train", args,
+        options=("stage", "params", "resume", "max_steps", "workers", "cpus_per_worker", "storage_path"),
+        repeated=("set",), flags=("fast_dev_run", "json", "use_gpu"),
+    )
 
 
 def _cmd_submit(args) -> int:
     from pipeline import jobs
 
-    entry = job_command(args)
-    print(f"[train] submitting: {shlex.join(entry)}", file=sys.stderr, flush=True)
-    gpus = 1 if args.use_gpu and not args.workers else None
-    return jobs.submit_and_wait(args.address, entry, args.working_dir, None, wait=not args.no_wait,
-                                entrypoint_num_gpus=gpus)
+    gpus = 1 if args.use_gpu and not args.workers else None  # the trainer runs in the entrypoint process
+    return jobs.submit_command(args, job_command(args), "train", entrypoint_num_gpus=gpus)
 
 
 def _cmd_train(args) -> int:
-    if args.submit:
+    from pipeline.jobs import is_submit
+
+    if is_submit(args):
         return _cmd_submit(args)
     overrides = _parse_set(args.set)
     workers = args.workers
@@ -88,6 +80,8 @@ def _cmd_train(args) -> int:
 
 
 def register(subparsers) -> None:
+    from pipeline.jobs import add_submit_options
+
     p = subparsers.add_parser(
         "train",
         help="train a W+ Adapter stage (Lightning; tracked in MLflow)",
@@ -110,8 +104,6 @@ def register(subparsers) -> None:
     g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default train.cluster)")
     g.add_argument("--storage-path", default=None, help="Ray Train results/checkpoints (default train.cluster)")
     g.add_argument("--address", default=None,
-                   help="with --submit: the dashboard URL (http://HEAD:8265); else the Ray cluster for --workers")
-    g.add_argument("--submit", action="store_true", help="run this command on a Ray cluster as a Ray Job")
-    g.add_argument("--no-wait", action="store_true", help="with --submit: print the job id and return")
-    g.add_argument("--working-dir", default=".", help="with --submit: the folder uploaded as the job's code")
+                   help="with submit: the dashboard URL (http://HEAD:8265); else the Ray cluster for --workers")
+    add_submit_options(p, address=False)
     p.set_defaults(func=_cmd_train)
