@@ -43,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("filelock", "urllib3", "PIL", "matplotlib", "h5py", "absl"):
+    for noisy in ("filelock", "urllib3", "PIL", "matplotlib", "h5py", "absl", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 from .config import RuntimeConfig
+from .storage import storage_env
 
 log = logging.getLogger("persona.runtime")
 
@@ -55,6 +56,11 @@ def ensure_ray(cfg: RuntimeConfig | None = None) -> None:
     common = dict(log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
     if address:
         log.info("attaching to Ray cluster at %s", address)
+        env = storage_env()
+        if env and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            # workers on other nodes read/write the same object store: give them this process's
+            # storage settings (inside a Ray Job the job's runtime env already carries them)
+            common["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **common)
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1

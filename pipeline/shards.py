@@ -48,6 +48,7 @@ import multiprocessing as mp
 import os
 import random
 import tarfile
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ import webdataset as wds
 
 from .config import ShardsConfig, section_hash
 from .images import decode_image, encode_jpeg, encode_png
+from .storage import RemotePath, is_remote, spath
 from .store import ItemStore, atomic_write_bytes, atomic_write_json, read_table
 
 VERSION = "1"
@@ -129,7 +131,7 @@ def _identity(v: Any) -> str | None:
 def _npy_shape(path: Path) -> tuple[int, ...] | None:
     """Shape from a .npy header without reading the data (None if not a readable .npy)."""
     try:
-        with open(path, "rb") as f:
+        with spath(path).open("rb") as f:
             major, _ = np.lib.format.read_magic(f)
             if major == 1:
                 shape, _, _ = np.lib.format.read_array_header_1_0(f)
@@ -180,7 +182,7 @@ def params_signature(cfg: ShardsConfig) -> str:
 
 def join_tables(root: str | os.PathLike, cfg: ShardsConfig) -> Joined:
     """Join align with the later stage tables; see the module docstring for the rules."""
-    root = Path(root)
+    root = spath(root)
     stages = _stages(cfg)
     align = read_table(root, "align")
     h = hashlib.sha256(f"shards\x00{VERSION}\x00{params_signature(cfg)}\x00".encode())
@@ -329,10 +331,10 @@ def sample_members(row: dict, split: str) -> list[tuple[str, bytes]]:
             data[k] = p[k].read_bytes()
     data["txt"] = row["caption"].encode("utf-8")
     if "wplus.npy" in p:
-        w = np.load(p["wplus.npy"], allow_pickle=False)
+        w = np.load(io.BytesIO(p["wplus.npy"].read_bytes()), allow_pickle=False)
         data["wplus.npy"] = _npy_bytes(w.astype(np.float16).reshape(WPLUS_SHAPE))
     if "id.npy" in p:
-        e = np.load(p["id.npy"], allow_pickle=False)
+        e = np.load(io.BytesIO(p["id.npy"].read_bytes()), allow_pickle=False)
         data["id.npy"] = _npy_bytes(e.astype(np.float32).reshape(ID_SHAPE))
     data["json"] = _json_bytes({**row["meta"], "split": split})
     return [(f"{key}.{k}", data[k]) for k in MEMBER_ORDER if k in data]
@@ -347,11 +349,18 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar(path: str | os.PathLike, samples: Iterable[list[tuple[str, bytes]]]) -> tuple[int, str, int]:
-    """Write samples (lists of (name, bytes)) to a tar atomically; returns (samples, sha256, bytes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+def write_tar(path: "str | os.PathLike | RemotePath", samples: Iterable[list[tuple[str, bytes]]]) -> tuple[int, str, int]:
+    """Write samples (lists of (name, bytes)) to a tar atomically; returns (samples, sha256, bytes).
+    Object stores: the tar is built in a local temp file and uploaded as one object."""
+    dest = spath(path)
+    remote = is_remote(dest)
+    if remote:
+        fd, tmpname = tempfile.mkstemp(prefix=".persona-shard-", suffix=".tar.tmp")
+        os.close(fd)
+        tmp = Path(tmpname)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
     n = 0
     try:
         with open(tmp, "wb") as f:
@@ -367,14 +376,18 @@ def write_tar(path: str | os.PathLike, samples: Iterable[list[tuple[str, bytes]]
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
+        if remote:
+            dest.put_file(tmp)
+            tmp.unlink()
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return n, h.hexdigest(), size
 
 
-def _read_index(out: Path) -> dict | None:
+def _read_index(out: "Path | RemotePath") -> dict | None:
     p = out / "index.json"
     try:
         return json.loads(p.read_text())
@@ -384,7 +397,7 @@ def _read_index(out: Path) -> dict | None:
 
 def previous_keys(out: str | os.PathLike) -> set[str]:
     """Face keys of the shards written by the last completed run (empty when none)."""
-    p = Path(out) / "samples.tsv"
+    p = spath(out) / "samples.tsv"
     if not p.exists():
         return set()
     lines = p.read_text().splitlines()[1:]
@@ -393,7 +406,7 @@ def previous_keys(out: str | os.PathLike) -> set[str]:
 
 def index_is_current(out: str | os.PathLike, signature: str) -> bool:
     """True when `out` holds a complete run for this input signature (shards present, same sizes)."""
-    out = Path(out)
+    out = spath(out)
     idx = _read_index(out)
     if not idx or idx.get("signature") != signature or idx.get("version") != VERSION:
         return False
@@ -406,7 +419,7 @@ def index_is_current(out: str | os.PathLike, signature: str) -> bool:
     return True
 
 
-def _remove_stale(out: Path, keep: set[str]) -> list[str]:
+def _remove_stale(out: "Path | RemotePath", keep: set[str]) -> list[str]:
     removed = []
     for split in SPLITS:
         d = out / split
@@ -435,7 +448,7 @@ def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, forc
 
     Returns (index, rewritten). Nothing is written when `out` already holds this input signature.
     """
-    out = Path(out)
+    out = spath(out)
     if not force and index_is_current(out, joined.signature):
         log.info("shards: inputs unchanged (signature %s); keeping %s", joined.signature, out)
         return _read_index(out), False
@@ -600,7 +613,7 @@ def shard_urls(src: str | os.PathLike | Sequence[str | os.PathLike], split: str 
     `<folder>/<split>/*.tar`, or `<folder>/*.tar`); a string pattern -> brace-expanded."""
     if isinstance(src, (list, tuple)):
         return [str(u) for u in src]
-    p = Path(src)
+    p = spath(src)
     if p.is_dir():
         idx = _read_index(p)
         if idx is not None:
@@ -655,11 +668,9 @@ class _ResampledShards:
 
 
 def _open(url: str):
-    if url.startswith("file:"):
-        url = url[5:]
-    if "://" in url or url.startswith("pipe:"):
+    if url.startswith("pipe:") or url.startswith(("http://", "https://")):
         return wds.gopen(url, "rb")
-    return open(url, "rb")
+    return spath(url).open("rb")  # local, file://, or an fsspec URL (s3://...)
 
 
 def _split_name(name: str) -> tuple[str, str] | tuple[None, None]:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .config import Params, RuntimeConfig
 from .runtime import Factory, map_batches
+from .storage import RemotePath, spath
 from .store import ItemStore, atomic_write_json, hash_key, status_counts
 
 log = logging.getLogger("persona.stage")
@@ -30,12 +31,12 @@ class Context:
     """Where a stage reads and writes: the item store root and the DVC metrics folder."""
 
     params: "Params"
-    root: Path
+    root: "Path | RemotePath"  # local / NFS folder or an fsspec URL (pipeline/storage.py)
     metrics_dir: Path
 
     @classmethod
     def make(cls, params: "Params", root: str | Path | None = None, metrics_dir: str | Path | None = None) -> "Context":
-        r = Path(root if root is not None else params.data_root)
+        r = spath(root if root is not None else params.data_root)
         return cls(params, r, Path(metrics_dir) if metrics_dir is not None else Path("metrics"))
 
     def metrics_path(self, stage: str) -> Path:

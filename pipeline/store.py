@@ -26,6 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .storage import RemotePath, is_remote, spath
+
 PART_RE = re.compile(r"^part-(\d{6})\.parquet$")
 FIRST_COLUMNS = ["key", "status", "error"]
 
@@ -39,8 +41,12 @@ def hash_key(*parts: Any, length: int = 32) -> str:
     return h.hexdigest()[:length]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: "str | os.PathLike | RemotePath", data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync, rename (object stores:
+    one PUT, which is atomic)."""
+    if is_remote(path):
+        spath(path).write_bytes(data)
+        return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -69,7 +75,14 @@ def ordered_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df[first + rest]
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
+def read_parquet(path: "str | os.PathLike | RemotePath", columns: list[str] | None = None) -> pa.Table:
+    """A parquet file from local disk or an object store."""
+    if is_remote(path):
+        return pq.read_table(pa.BufferReader(spath(path).read_bytes()), columns=columns)
+    return pq.read_table(path, columns=columns)
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: "str | os.PathLike | RemotePath") -> None:
     """Deterministic parquet bytes (no index, fixed column order), atomically renamed into place."""
     table = pa.Table.from_pandas(ordered_columns(df).reset_index(drop=True), preserve_index=False)
     sink = pa.BufferOutputStream()
@@ -80,8 +93,8 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
 class BlobStore:
     """Blobs of one stage, addressed by (cache key, name). Picklable: workers write blobs directly."""
 
-    def __init__(self, stage_dir: str | os.PathLike):
-        self.dir = Path(stage_dir) / "blobs"
+    def __init__(self, stage_dir: "str | os.PathLike | RemotePath"):
+        self.dir = spath(stage_dir) / "blobs"
 
     def relpath(self, cache_key: str, name: str) -> str:
         return f"blobs/{cache_key[:2]}/{cache_key}/{name}"
@@ -91,7 +104,7 @@ class BlobStore:
         atomic_write_bytes(self.dir.parent / rel, data)
         return rel
 
-    def path(self, rel: str) -> Path:
+    def path(self, rel: str) -> "Path | RemotePath":
         return self.dir.parent / rel
 
     def get(self, rel: str) -> bytes:
@@ -101,8 +114,8 @@ class BlobStore:
 class ItemStore:
     """Journal + output table of one stage."""
 
-    def __init__(self, root: str | os.PathLike, stage: str):
-        self.root = Path(root)
+    def __init__(self, root: "str | os.PathLike | RemotePath", stage: str):
+        self.root = spath(root)
         self.stage = stage
         self.dir = self.root / stage
         self.parts_dir = self.dir / "parts"
@@ -110,8 +123,8 @@ class ItemStore:
         self.table_path = self.dir / "table.parquet"
 
     # ---- journal
-    def part_paths(self) -> list[Path]:
-        if not self.parts_dir.exists():
+    def part_paths(self) -> list:
+        if not is_remote(self.parts_dir) and not self.parts_dir.exists():
             return []
         return sorted(p for p in self.parts_dir.iterdir() if PART_RE.match(p.name))
 
@@ -119,7 +132,7 @@ class ItemStore:
         """Cache keys of every committed input (its part exists)."""
         keys: set[str] = set()
         for p in self.part_paths():
-            col = pq.read_table(p, columns=["cache_key"]).column("cache_key")
+            col = read_parquet(p, columns=["cache_key"]).column("cache_key")
             keys.update(col.to_pylist())
         return keys
 
@@ -138,13 +151,16 @@ class ItemStore:
         for col in df.columns:  # nested values (lists, dicts) are stored as JSON text
             if df[col].map(lambda v: isinstance(v, (list, dict, tuple))).any():
                 df[col] = df[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
+        if is_remote(path):  # one PUT under the final name is the commit
+            write_parquet_atomic(df, path)
+            return path
         tmp = self.parts_dir / f".tmp-{uuid.uuid4().hex}.parquet"
         write_parquet_atomic(df, tmp)
         os.replace(tmp, path)
         return path
 
     def read_parts(self) -> pd.DataFrame:
-        frames = [pq.read_table(p).to_pandas() for p in self.part_paths()]
+        frames = [read_parquet(p).to_pandas() for p in self.part_paths()]
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame(columns=["key", "status", "error", "cache_key"])
@@ -168,7 +184,7 @@ class ItemStore:
             raise FileNotFoundError(
                 f"{self.table_path} does not exist: run the '{self.stage}' stage first"
             )
-        return pq.read_table(self.table_path).to_pandas()
+        return read_parquet(self.table_path).to_pandas()
 
     def write_last_run(self, stats: dict) -> None:
         atomic_write_json(self.dir / "last_run.json", stats)
@@ -178,7 +194,7 @@ class ItemStore:
         return json.loads(p.read_text()) if p.exists() else {}
 
 
-def read_table(root: str | os.PathLike, stage: str, ok_only: bool = False) -> pd.DataFrame:
+def read_table(root: "str | os.PathLike | RemotePath", stage: str, ok_only: bool = False) -> pd.DataFrame:
     """An upstream stage's output table (optionally only rows with status 'ok')."""
     df = ItemStore(root, stage).table()
     return df[df["status"] == "ok"].reset_index(drop=True) if ok_only else df

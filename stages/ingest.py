@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
-from pathlib import Path
 
 from pipeline.config import IngestConfig, SourceConfig, section_hash
 from pipeline.images import BadImage, FILE_TOO_LARGE, EMPTY_FILE, decode_bytes, phash64
+from pipeline.storage import is_remote, list_files, spath
 from pipeline.stage import Context, StageSpec, run_item_stage, write_metrics
 from pipeline.store import atomic_write_bytes, hash_key
 
@@ -29,28 +30,26 @@ log = logging.getLogger("persona.ingest")
 
 
 def _folder_entries(src: SourceConfig) -> list[dict]:
-    root = Path(src.path)
+    root = spath(src.path)
     if not root.exists():
         raise FileNotFoundError(f"source '{src.name}': folder {root} does not exist")
-    files = root.rglob("*") if src.recursive else root.glob("*")
     out = []
-    for f in sorted(files):
-        rel = f.relative_to(root)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+    for rel, f, size, version in list_files(root, recursive=src.recursive):
+        parts = rel.split("/")
+        if any(part.startswith(".") for part in parts):
             continue
-        identity = rel.parts[0] if (src.labeled and len(rel.parts) > 1) else None
-        out.append({"path": str(f), "relpath": rel.as_posix(), "identity": identity})
+        identity = parts[0] if (src.labeled and len(parts) > 1) else None
+        out.append({"path": str(f), "relpath": rel, "identity": identity, "sig": f"{size}:{version}"})
     return out
 
 
 def _manifest_entries(src: SourceConfig) -> list[dict]:
-    mpath = Path(src.path)
+    mpath = spath(src.path)
     base = mpath.parent
     rows: list[dict] = []
     if mpath.suffix.lower() == ".csv":
-        with open(mpath, newline="") as f:
-            for r in csv.DictReader(f):
-                rows.append({"path": r["path"], "identity": r.get("identity") or None})
+        for r in csv.DictReader(io.StringIO(mpath.read_text(), newline="")):
+            rows.append({"path": r["path"], "identity": r.get("identity") or None})
     else:
         for n, line in enumerate(mpath.read_text().splitlines(), 1):
             if line.strip():
@@ -61,8 +60,8 @@ def _manifest_entries(src: SourceConfig) -> list[dict]:
                 rows.append({"path": r["path"], "identity": r.get("identity") or None})
     out = []
     for r in rows:
-        p = Path(r["path"])
-        full = p if p.is_absolute() else base / p
+        p = spath(r["path"])
+        full = p if (is_remote(p) or p.is_absolute()) else base / r["path"]
         out.append({"path": str(full), "relpath": r["path"], "identity": r["identity"] if src.labeled else None})
     return out
 
@@ -71,15 +70,16 @@ def list_inputs(cfg: IngestConfig) -> list[dict]:
     """One input dict per file of every source, sorted, with a stat signature for caching."""
     items = []
     for src in cfg.sources:
-        is_manifest = Path(src.path).suffix.lower() in (".csv", ".jsonl")
+        is_manifest = spath(src.path).suffix.lower() in (".csv", ".jsonl")
         entries = _manifest_entries(src) if is_manifest else _folder_entries(src)
         for e in entries:
-            p = Path(e["path"])
-            try:
-                st = p.stat()
-                sig = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                sig = "missing"
+            sig = e.get("sig")
+            if sig is None:
+                try:
+                    st = spath(e["path"]).stat()
+                    sig = f"{st.st_size}:{st.st_mtime_ns}"
+                except OSError:
+                    sig = "missing"
             items.append(
                 {
                     "key": hash_key(src.name, e["relpath"], length=16),
@@ -115,7 +115,7 @@ def ingest_one(item: dict, cfg: IngestConfig, params_hash: str) -> dict:
         "status": "ok",
         "error": "",
     }
-    p = Path(item["path"])
+    p = spath(item["path"])
     try:
         if p.suffix.lower() not in cfg.extensions:
             raise BadImage(UNSUPPORTED_EXTENSION, f"extension {p.suffix!r} not in ingest.extensions")

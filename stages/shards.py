@@ -19,15 +19,16 @@ from pathlib import Path
 
 from pipeline.shards import join_tables, previous_keys, shard_metrics, write_shards
 from pipeline.stage import Context, write_metrics
+from pipeline.storage import RemotePath, spath
 from pipeline.store import atomic_write_json
 
 log = logging.getLogger("persona.shards")
 
 
-def output_dir(ctx: Context) -> Path:
-    """`shards.out` when set, else `<ctx.root>/shards`."""
+def output_dir(ctx: Context) -> "Path | RemotePath":
+    """`shards.out` when set, else `<ctx.root>/shards` (local folder or fsspec URL)."""
     out = ctx.params.shards.out
-    return Path(out) if out else ctx.root / "shards"
+    return spath(out) if out else ctx.root / "shards"
 
 
 def run(ctx: Context) -> dict:

@@ -63,3 +63,76 @@ def _shutdown_ray():
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- S3
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "persona-test", "AWS_SECRET_ACCESS_KEY": "persona-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+_BUCKETS = __import__("itertools").count()
+
+
+class S3Server:
+    """A real S3 API server (moto) in its own process on loopback; `env` points botocore at it."""
+
+    def __init__(self, port: int, proc):
+        self.port, self.proc = port, proc
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, **S3_KEYS}
+
+    def new_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, **{k.lower(): v for k, v in S3_KEYS.items()
+                                                            if k != "AWS_DEFAULT_REGION"},
+                     region_name=S3_KEYS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+    code = ("import logging, sys, time\n"
+            "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+            "from moto.server import ThreadedMotoServer\n"
+            f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
+            "while True: time.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"moto S3 server did not start (see {log.name})")
+            time.sleep(0.3)
+    yield S3Server(port, proc)
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """This test's own bucket on the S3 server, with the AWS_* environment pointing at it."""
+    import re
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("PERSONA_STORAGE_OPTIONS", raising=False)
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:48].strip("-")
+    bucket = s3_server.new_bucket(f"t{next(_BUCKETS):03d}-{name}".rstrip("-"))
+    return f"s3://{bucket}"

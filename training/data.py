@@ -40,6 +40,7 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import shard_urls, synthetic_samples
+from pipeline.storage import local_copy, spath
 from training.config import ImageAugConfig, StageConfig, TrainConfig
 
 log = logging.getLogger("persona.training.data")
@@ -111,7 +112,9 @@ class ShardIndex:
     """
 
     def __init__(self, urls: Sequence[str], need: Sequence[str]):
-        self.urls = [str(u) for u in urls]
+        # shards in an object store are read from a local copy (fetched once per node, by ETag)
+        self.source_urls = [str(u) for u in urls]
+        self.urls = [str(local_copy(u)) for u in self.source_urls]
         self.need = tuple(need)
         self.entries: list[_Entry] = []
         self.skipped: dict[str, int] = {}
@@ -421,7 +424,7 @@ class WPlusDataModule(L.LightningDataModule):
                                                              size=size))
             self.signature = f"synthetic:{self.cfg.synthetic}:{self.cfg.seed}:{size}"
             return
-        root = Path(self.cfg.shards)
+        root = spath(self.cfg.shards)
         train_urls = shard_urls(root, "train")
         if not train_urls:
             raise FileNotFoundError(f"no train shards under {root} (run the shards stage, or set train.synthetic)")
@@ -435,7 +438,8 @@ class WPlusDataModule(L.LightningDataModule):
         self.val_source = val if val is not None and len(val) else self.train_source
         idx = root / "index.json"
         sig = json.loads(idx.read_text()).get("signature") if idx.is_file() else None
-        files = [(os.path.relpath(u, root), os.path.getsize(u)) for u in train_urls]
+        files = [(str(u)[len(str(root)):].lstrip("/"), os.path.getsize(c))
+                 for u, c in zip(self.train_source.source_urls, self.train_source.urls)]
         self.signature = f"shards:{sig}:{hashlib.sha256(repr(files).encode()).hexdigest()[:16]}"
 
     def describe(self) -> dict:
