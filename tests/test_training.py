@@ -425,3 +425,49 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert len(_ckpts(ckdir)) == 2 and (ckdir / "last.ckpt").resolve().name == f"step={steps:06d}.ckpt"
+
+
+def split_shards(root: Path, n_shards: int, per_shard: int, size: int = 64) -> dict[str, str]:
+    """Write n_shards train shards (+ one val shard) of synthetic samples; returns key -> train shard file."""
+    samples = synthetic_samples(n_shards * per_shard + 2, identities=4, seed=5, size=size, encoded=True)
+    where = {}
+    for k in range(n_shards):
+        chunk = samples[k * per_shard:(k + 1) * per_shard]
+        write_tar(root / "train" / f"train-{k:06d}.tar", (encoded_members(s) for s in chunk))
+        where.update({s["__key__"]: f"train-{k:06d}.tar" for s in chunk})
+    write_tar(root / "val" / "val-000000.tar", (encoded_members(s) for s in samples[-2:]))
+    return where
+
+
+def test_ranks_read_disjoint_shards(tmp_path, caplog):
+    """world W with >= W train shards: rank r reads only shards r, r + W, ...; together the ranks
+    read every sample once per epoch; each rank's stream is deterministic; the global positions
+    (and with them the per-sample draws) are those of the one-process global batch."""
+    where = split_shards(tmp_path / "shards", n_shards=4, per_shard=3)
+    files = sorted(set(where.values()))
+    tp = train_params(make_params(tmp_path, train={"synthetic": 0, "shards": str(tmp_path / "shards")}))
+    dm = WPlusDataModule(1, tp.train, tp.stage1)
+    B = tp.stage1.batch_size
+    seen = {}
+    for r in (0, 1):
+        ds = dm.dataset(0, r, 2)
+        assert ds.rank_source and len(ds.source) == 6
+        own = set(files[r::2])
+        keys = [k for b in range(3) for k in ds.batch(b)["key"]]  # 3 steps x B = 6 = one local epoch
+        assert {where[k] for k in keys} <= own, f"rank {r} read another rank's shard"
+        assert sorted(keys) == sorted(k for k, f in where.items() if f in own)  # each own sample once
+        assert dm.dataset(0, r, 2).batch(1)["key"] == ds.batch(1)["key"]  # deterministic
+        assert ds.batch(2)["pos"].tolist() == [(2 * 2 + r) * B + i for i in range(B)]
+        seen[r] = set(keys)
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(where)
+
+    # fewer shards than workers: every rank indexes all shards, reads disjoint samples, and says so
+    split_shards(tmp_path / "one", n_shards=1, per_shard=8)
+    tp1 = train_params(make_params(tmp_path, train={"synthetic": 0, "shards": str(tmp_path / "one")}))
+    dm1 = WPlusDataModule(1, tp1.train, tp1.stage1)
+    with caplog.at_level("WARNING", logger="persona.training.data"):
+        halves = [dm1.dataset(0, r, 2) for r in (0, 1)]
+    assert "1 shard(s) for 2 workers" in caplog.text
+    assert not any(h.rank_source for h in halves)
+    k0, k1 = (h.batch(0)["key"] for h in halves)
+    assert len(k0) == len(k1) == B and not set(k0) & set(k1)

@@ -19,6 +19,13 @@ carries `pos` (B,) = g, from which the LightningModule seeds its per-sample draw
 DataLoader workers, worker w yields batches b = start + w, start + w + W, ... and the DataLoader
 returns them in order, so the stream is the same for any worker count. Shards are read by random
 access: one scan of the tar headers builds an index (sample -> member offsets).
+
+Distributed (world W > 1) with at least W train shards: rank r reads samples only from shards
+r, r + W, ... (disjoint files per worker; the header index of every shard is still built once per
+process, for the data signature and the validation samples). Its local
+position l = b * B + i walks a permutation of its own samples (seed, epoch, r, W); the global
+position g, and with it every random draw, is as above. With fewer shards than workers every rank
+indexes all shards and the ranks read disjoint samples (the same global batch as one process).
 """
 from __future__ import annotations
 
@@ -338,11 +345,12 @@ class StepBatches(IterableDataset):
     """
 
     def __init__(self, source, stage: int, resolution: int, batch_size: int, seed: int, start: int = 0,
-                 rank: int = 0, world: int = 1, aug: Optional[ImageAugConfig] = None):
+                 rank: int = 0, world: int = 1, aug: Optional[ImageAugConfig] = None, rank_source: bool = False):
         if len(source) == 0:
             raise ValueError("no training samples")
         self.source, self.stage, self.res, self.B = source, stage, resolution, batch_size
         self.seed, self.start, self.rank, self.world, self.aug = seed, start, rank, world, aug
+        self.rank_source = rank_source  # source = this rank's own shards (not the whole dataset)
         self._perm: tuple[int, Optional[np.ndarray]] = (-1, None)
 
     def position(self, b: int, i: int) -> int:
@@ -350,11 +358,18 @@ class StepBatches(IterableDataset):
         return (b * self.world + self.rank) * self.B + i
 
     def index(self, b: int, i: int) -> int:
-        """Source index of sample i of batch b."""
+        """Source index of sample i of batch b: a per-epoch permutation of the whole source walked
+        by global position (ranks read disjoint samples), or, with `rank_source`, of this rank's own
+        shards walked by the rank's local position b * B + i."""
         n = len(self.source)
-        epoch, pos = divmod(self.position(b, i), n)
+        if self.rank_source:
+            epoch, pos = divmod(b * self.B + i, n)
+            seed = seed_of("perm", self.seed, epoch, "rank", self.rank, self.world)
+        else:
+            epoch, pos = divmod(self.position(b, i), n)
+            seed = seed_of("perm", self.seed, epoch)
         if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng(seed_of("perm", self.seed, epoch)).permutation(n))
+            self._perm = (epoch, np.random.default_rng(seed).permutation(n))
         return int(self._perm[1][pos])
 
     def batch(self, b: int) -> dict:
@@ -428,6 +443,7 @@ class WPlusDataModule(L.LightningDataModule):
         train_urls = shard_urls(root, "train")
         if not train_urls:
             raise FileNotFoundError(f"no train shards under {root} (run the shards stage, or set train.synthetic)")
+        self.train_urls = list(train_urls)
         self.train_source = ShardIndex(train_urls, need)
         if self.train_source.skipped:
             log.warning("train shards: skipped samples %s", self.train_source.skipped)
@@ -453,11 +469,32 @@ class WPlusDataModule(L.LightningDataModule):
         return models_weights_real(self.train_source)
 
     # ------------------------------------------------------------------ loaders
-    def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> StepBatches:
+    def rank_source(self, rank: int, world: int):
+        """(source, own) for rank r of W: with W > 1 and at least W train shards, a ShardIndex of the
+        shards r, r + W, r + 2W, ... (disjoint per rank; own=True); otherwise the whole source, from
+        which the ranks read disjoint samples (own=False; a warning when shards are too few)."""
         self.setup()
+        urls = getattr(self, "train_urls", None)
+        if world <= 1 or not urls:
+            return self.train_source, False
+        if len(urls) < world:
+            log.warning("train shards: %d shard(s) for %d workers: every worker indexes all shards and reads "
+                        "disjoint samples (write >= %d shards, shards.samples_per_shard, to split them)",
+                        len(urls), world, world)
+            return self.train_source, False
+        key = (rank, world)
+        if getattr(self, "_rank_sources", {}).get(key) is None:
+            own = ShardIndex(urls[rank::world], STAGE_KEYS[self.stage_n])
+            if len(own) == 0:
+                raise ValueError(f"rank {rank}/{world}: no usable samples in shards {urls[rank::world]}")
+            self._rank_sources = {key: own}
+        return self._rank_sources[key], True
+
+    def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> StepBatches:
+        source, own = self.rank_source(rank, world)
         aug = getattr(self.scfg, "image_aug", None) if self.stage_n == 2 else None
-        return StepBatches(self.train_source, self.stage_n, self.cfg.resolution, self.scfg.batch_size, self.cfg.seed,
-                           start=start, rank=rank, world=world, aug=aug)
+        return StepBatches(source, self.stage_n, self.cfg.resolution, self.scfg.batch_size, self.cfg.seed,
+                           start=start, rank=rank, world=world, aug=aug, rank_source=own)
 
     def train_dataloader(self) -> DataLoader:
         start, rank, world = 0, 0, 1
