@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.storage import spath
+
 # Modules that add subcommands with `register(subparsers)` (looked up by name, imported lazily).
 COMMAND_MODULES = ("pipeline.jobs", "training.cli", "training.registry_cli", "benchmarks.cli")
 
@@ -116,12 +118,12 @@ def _cmd_build(args) -> int:
         raise SystemExit(f"--params {args.params}: no such file (without --source, build runs the stages it configures)")
     params = load_params(args.params)  # with --source, a missing file gives the defaults
     if args.source is not None:
-        src = Path(args.source)
+        src = spath(args.source)  # a folder, or an s3:// prefix
         if not src.exists():
             raise SystemExit(f"--source {src} does not exist")
         params.ingest.sources = [SourceConfig(name=args.name or src.name or "source", path=str(src), labeled=not args.unlabeled)]
     if args.out is not None:
-        ctx = Context.make(params, args.out, Path(args.out) / "metrics")
+        ctx = Context.make(params, args.out, spath(args.out) / "metrics")  # args.out may be an s3:// URL
     else:  # exactly what `persona stage NAME` (dvc.yaml) uses: data_root and metrics/
         ctx = Context.make(params)
     stages = available_stages()

@@ -32,14 +32,14 @@ class Context:
 
     params: "Params"
     root: "Path | RemotePath"  # local / NFS folder or an fsspec URL (pipeline/storage.py)
-    metrics_dir: Path
+    metrics_dir: "Path | RemotePath"  # DVC metrics (local under DVC; a URL works outside it)
 
     @classmethod
     def make(cls, params: "Params", root: str | Path | None = None, metrics_dir: str | Path | None = None) -> "Context":
         r = spath(root if root is not None else params.data_root)
-        return cls(params, r, Path(metrics_dir) if metrics_dir is not None else Path("metrics"))
+        return cls(params, r, spath(metrics_dir) if metrics_dir is not None else Path("metrics"))
 
-    def metrics_path(self, stage: str) -> Path:
+    def metrics_path(self, stage: str) -> "Path | RemotePath":
         return self.metrics_dir / f"{stage}.json"
 
     def store(self, stage: str) -> ItemStore:

@@ -244,3 +244,22 @@ def test_dvc_tracks_item_stores_on_s3(s3, s3_server, sample_raw, tmp_path):
     fs.pipe_file(f"{s3[5:]}/data/dedup/clusters.json", b"[{\"edited\": true}]\n")  # someone edits the store behind DVC's back
     st = run("status", "dedup")
     assert "dedup:" in st.stdout and "modified:" in st.stdout and f"{s3}/data/dedup" in st.stdout, st.stdout
+
+
+def test_build_from_and_into_a_bucket(s3, s3_raw, tmp_path, capsys):
+    """`persona build --source s3://... --out s3://...`: photos, item stores and metrics all in the bucket."""
+    from pipeline import cli
+    from pipeline.storage import spath
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"runtime": {"executor": "local", "progress": False}}))
+    out = f"{s3}/built"
+    assert cli.main(["build", "--source", f"{s3_raw}/sample", "--out", out, "--until", "dedup",
+                     "--params", str(params)]) == 0
+    assert f"outputs under {out}" in capsys.readouterr().out
+    metrics = json.loads(spath(f"{out}/metrics/dedup.json").read_text())
+    table = pd.read_parquet(io.BytesIO(spath(f"{out}/dedup/table.parquet").read_bytes()))
+    assert metrics["images_in"] == len(table) == metrics["ok"] >= 7
+    assert set(table["identity"]) == {p.name for p in spath(f"{s3_raw}/sample").iterdir()}
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["build", "--source", f"{s3}/nothing-here", "--out", out, "--params", str(params)])
