@@ -29,8 +29,12 @@ demo: venv
 	@test -d .git || git init -q
 	$(VENV)/bin/dvc repro
 
+# Two test processes, one per core on CI: a serial run leaves about half the CPU idle (it waits on
+# Ray, servers and subprocesses). Files stay whole on one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

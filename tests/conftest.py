@@ -21,9 +21,13 @@ def sample_raw(tmp_path_factory) -> Path:
     """data/raw-style folder with the bundled sample (sample/<identity>/..., unlabeled/...)."""
     from stages import sample
 
+    from filelock import FileLock
+
     out = tmp_path_factory.mktemp("raw")
+    CACHE.mkdir(parents=True, exist_ok=True)
     try:
-        sample.run(out, CACHE)
+        with FileLock(str(CACHE / ".download.lock")):  # parallel test workers share the download
+            sample.run(out, CACHE)
     except RuntimeError as e:  # pragma: no cover - registry unreachable
         pytest.skip(f"sample photos unavailable: {e}")
     return out
@@ -136,3 +140,22 @@ def s3(s3_server, monkeypatch, request):
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:48].strip("-")
     bucket = s3_server.new_bucket(f"t{next(_BUCKETS):03d}-{name}".rstrip("-"))
     return f"s3://{bucket}"
+
+
+# ---------------------------------------------------------------------------------------- xdist
+
+# `make test` runs two workers (`-n 2 --dist loadgroup`): each file stays whole on one worker (its
+# module fixtures, such as a two-node Ray cluster, are built once per file), and the longest files
+# are handed out first so that none of them starts last and runs alone at the end.
+LONGEST_FIRST = ("test_resume_and_dvc", "test_train_cluster", "test_cluster", "test_training", "test_storage")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        stem = Path(str(item.fspath)).stem
+        return LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items[:] = [it for _, _, it in sorted((rank(it), i, it) for i, it in enumerate(items))]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).stem))

@@ -108,8 +108,13 @@ def test_sigkill_mid_stage_then_resume_is_byte_identical(tmp_path, sample_raw):
 def _dvc_project(tmp: Path, sample_raw: Path) -> Path:
     proj = tmp / "proj"
     proj.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, proj / name)
+    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    # the repo's params, lighter where it only costs time: the labeled photos (the group photos' 18
+    # faces are covered by tests/test_face_stages.py) and e4e at 128 px
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["sources"] = [s for s in params["ingest"]["sources"] if s.get("labeled", True)]
+    params["wplus"]["input_size"] = 128
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for d in ("pipeline", "stages", "training"):
         shutil.copytree(REPO / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(sample_raw, proj / "data" / "raw")
