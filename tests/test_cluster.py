@@ -1,6 +1,6 @@
 """Scale-out, for real: a two-node Ray cluster on this machine (token auth on).
 
-- every data stage (`persona stage ...` ingest .. shards) attached to the cluster, with the item
+- every data stage (`persona build`: ingest .. shards) attached to the cluster, with the item
   stores on an S3 API server (moto), spreads work over both nodes and writes tables, metrics and
   shards byte-identical to an in-process run on local disk;
 - a worker node whose raylet is SIGKILLed mid-ingest: the stage completes, every item exactly once;
@@ -292,11 +292,9 @@ def test_data_stages_on_cluster_with_s3_root_match_in_process(cluster, s3, s3_se
     }))
     root = f"{s3}/data"
     env = {**cluster.env, **s3_server.env}
-    for stage in DATA_STAGES:
-        out = _run(PERSONA + ["stage", stage, "--params", str(params), "--root", root,
-                              "--metrics-dir", str(tmp_path / "m_cluster")], env)
-        if stage == "ingest":
-            assert "attaching to Ray cluster" in out
+    # one driver attached to the cluster runs every stage (`persona build`), stores and metrics on S3
+    out = _run(PERSONA + ["build", "--params", str(params), "--out", root], env, timeout=600)
+    assert "attaching to Ray cluster" in out and f"outputs under {root}" in out
 
     # the reference: Ray in this process (actors with one CPU each, like the cluster's: a model's
     # float reductions, and so its output bytes, depend on its thread count)
@@ -319,7 +317,7 @@ def test_data_stages_on_cluster_with_s3_root_match_in_process(cluster, s3, s3_se
         a, b = (remote / stage / "table.parquet").read_bytes(), (tmp_path / "local" / stage / "table.parquet").read_bytes()
         assert a == b, f"{stage}: the cluster's table on S3 differs from the in-process one"
     for stage in DATA_STAGES:
-        assert (tmp_path / "m_cluster" / f"{stage}.json").read_text() == (tmp_path / "m_local" / f"{stage}.json").read_text()
+        assert (remote / "metrics" / f"{stage}.json").read_text() == (tmp_path / "m_local" / f"{stage}.json").read_text()
     idx = json.loads((remote / "shards" / "index.json").read_text())
     assert idx == json.loads((tmp_path / "local" / "shards" / "index.json").read_text())
     for sh in idx["shards"]:
