@@ -159,3 +159,14 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [it for _, _, it in sorted((rank(it), i, it) for i, it in enumerate(items))]
     for item in items:
         item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).stem))
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_env():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI: keep one test's store out of the next
+    (in-process training followed by evaluate in the same worker)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
