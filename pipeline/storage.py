@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # no folders, no rename, listings not cached
 STORAGE_ENV_PREFIXES = ("AWS_", "PERSONA_STORAGE_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
 
 
@@ -59,7 +60,7 @@ def storage_options(protocol: str) -> dict:
         if not isinstance(allopts, dict):
             raise ValueError("PERSONA_STORAGE_OPTIONS must be a JSON object {protocol: {option: value}}")
         opts = dict(allopts.get(protocol, {}))
-    if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+    if protocol in OBJECT_STORES:
         opts.setdefault("use_listings_cache", False)
     return opts
 
@@ -127,12 +128,6 @@ class RemotePath:
         p = os.fspath(part).strip("/")
         return RemotePath(f"{self}/{p}" if p else str(self))
 
-    def joinpath(self, *parts: str) -> "RemotePath":
-        out = self
-        for p in parts:
-            out = out / p
-        return out
-
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
@@ -170,11 +165,7 @@ class RemotePath:
         return bool(self.fs.isdir(self.path))
 
     def stat(self) -> RemoteStat:
-        try:
-            info = self.fs.info(self.path)
-        except FileNotFoundError:
-            raise
-        return _remote_stat(info)
+        return _remote_stat(self.fs.info(self.path))
 
     def iterdir(self) -> Iterator["RemotePath"]:
         try:
@@ -226,23 +217,17 @@ class RemotePath:
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders: a prefix exists once an object is under it. No-op there."""
-        if self.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        if self.protocol in OBJECT_STORES:
             return
         self.fs.makedirs(self.path, exist_ok=True)
 
     def unlink(self, missing_ok: bool = False) -> None:
         """Delete the object (object stores delete missing keys silently: checked first here)."""
-        if not missing_ok and not self.fs.exists(self.path):
+        if not self.fs.exists(self.path):
+            if missing_ok:
+                return
             raise FileNotFoundError(str(self))
-        try:
-            self.fs.rm_file(self.path)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise
-
-    def rmtree(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+        self.fs.rm_file(self.path)
 
 
 def _remote_stat(info: dict) -> RemoteStat:
@@ -256,9 +241,6 @@ def _remote_stat(info: dict) -> RemoteStat:
         ns = 0
     version = str(info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or ns).strip('"')
     return RemoteStat(size, ns, version)
-
-
-AnyPath = "Path | RemotePath"
 
 
 def spath(p: "str | os.PathLike | RemotePath") -> "Path | RemotePath":

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -151,12 +150,7 @@ class ItemStore:
         for col in df.columns:  # nested values (lists, dicts) are stored as JSON text
             if df[col].map(lambda v: isinstance(v, (list, dict, tuple))).any():
                 df[col] = df[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
-        if is_remote(path):  # one PUT under the final name is the commit
-            write_parquet_atomic(df, path)
-            return path
-        tmp = self.parts_dir / f".tmp-{uuid.uuid4().hex}.parquet"
-        write_parquet_atomic(df, tmp)
-        os.replace(tmp, path)
+        write_parquet_atomic(df, path)  # temp file + rename on disk, one PUT in an object store
         return path
 
     def read_parts(self) -> pd.DataFrame:

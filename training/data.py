@@ -153,6 +153,15 @@ class ShardIndex:
             return
         self.entries.append(e)
 
+    def subset(self, urls: Sequence[str]) -> "ShardIndex":
+        """The samples of the given shards (a sublist of `source_urls`), from this index (no rescan)."""
+        wanted = set(urls)
+        keep = {i for i, u in enumerate(self.source_urls) if u in wanted}
+        out = object.__new__(ShardIndex)
+        out.source_urls, out.urls, out.need, out.skipped = self.source_urls, self.urls, self.need, {}
+        out.entries = [e for e in self.entries if e.url in keep]
+        return out
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -443,7 +452,6 @@ class WPlusDataModule(L.LightningDataModule):
         train_urls = shard_urls(root, "train")
         if not train_urls:
             raise FileNotFoundError(f"no train shards under {root} (run the shards stage, or set train.synthetic)")
-        self.train_urls = list(train_urls)
         self.train_source = ShardIndex(train_urls, need)
         if self.train_source.skipped:
             log.warning("train shards: skipped samples %s", self.train_source.skipped)
@@ -474,7 +482,7 @@ class WPlusDataModule(L.LightningDataModule):
         shards r, r + W, r + 2W, ... (disjoint per rank; own=True); otherwise the whole source, from
         which the ranks read disjoint samples (own=False; a warning when shards are too few)."""
         self.setup()
-        urls = getattr(self, "train_urls", None)
+        urls = getattr(self.train_source, "source_urls", None)  # None: synthetic samples
         if world <= 1 or not urls:
             return self.train_source, False
         if len(urls) < world:
@@ -484,7 +492,7 @@ class WPlusDataModule(L.LightningDataModule):
             return self.train_source, False
         key = (rank, world)
         if getattr(self, "_rank_sources", {}).get(key) is None:
-            own = ShardIndex(urls[rank::world], STAGE_KEYS[self.stage_n])
+            own = self.train_source.subset(urls[rank::world])
             if len(own) == 0:
                 raise ValueError(f"rank {rank}/{world}: no usable samples in shards {urls[rank::world]}")
             self._rank_sources = {key: own}
