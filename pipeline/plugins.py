@@ -127,22 +127,30 @@ def stage_names() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_stages() -> tuple[Stage, ...]:
-    eps = entry_points(STAGES)
+def _load(name: str) -> Stage:
+    eps = {ep.name: ep for ep in entry_points(STAGES)}
     if not eps:
         raise _not_installed(STAGES)
-    stages: dict[str, Stage] = {}
-    for ep in eps:
-        st = ep.load()
-        if not isinstance(st, Stage):
-            raise PluginError(f"{STAGES}: '{ep.name}' = {ep.value} is a {type(st).__name__}, not a pipeline.plugins.Stage")
-        if st.name != ep.name:
-            raise PluginError(f"{STAGES}: entry point '{ep.name}' points at stage '{st.name}'")
-        if not st.summary:
-            doc = (getattr(importlib.import_module(ep.module), "__doc__", None) or "").strip()
-            object.__setattr__(st, "summary", doc.splitlines()[0] if doc else "")
-        stages[st.name] = st
-    return tuple(order(stages))
+    if name not in eps:
+        raise KeyError(f"unknown stage '{name}'; available: {', '.join(s.name for s in _load_stages())}")
+    ep = eps[name]
+    st = ep.load()
+    if not isinstance(st, Stage):
+        raise PluginError(f"{STAGES}: '{ep.name}' = {ep.value} is a {type(st).__name__}, not a pipeline.plugins.Stage")
+    if st.name != ep.name:
+        raise PluginError(f"{STAGES}: entry point '{ep.name}' points at stage '{st.name}'")
+    if not st.summary:
+        doc = (getattr(importlib.import_module(ep.module), "__doc__", None) or "").strip()
+        object.__setattr__(st, "summary", doc.splitlines()[0] if doc else "")
+    return st
+
+
+@functools.lru_cache(maxsize=None)
+def _load_stages() -> tuple[Stage, ...]:
+    names = stage_names()
+    if not names:
+        raise _not_installed(STAGES)
+    return tuple(order({n: _load(n) for n in names}))
 
 
 def order(stages: dict[str, Stage]) -> list[Stage]:
@@ -174,11 +182,8 @@ def data_stages() -> list[Stage]:
 
 
 def stage(name: str) -> Stage:
-    """The registered stage `name`; KeyError naming the registered ones."""
-    for s in _load_stages():
-        if s.name == name:
-            return s
-    raise KeyError(f"unknown stage '{name}'; available: {', '.join(s.name for s in _load_stages())}")
+    """The registered stage `name` (imports only its module); KeyError naming the registered ones."""
+    return _load(name)
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -230,5 +235,6 @@ def raw_section_validators() -> dict[str, Callable[[Any], Any]]:
 
 def clear_caches() -> None:
     """Forget loaded plugins (tests that register a plugin at run time)."""
+    _load.cache_clear()
     _load_stages.cache_clear()
     typed_sections.cache_clear()
