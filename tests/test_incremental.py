@@ -293,6 +293,17 @@ def test_transient_failure_heals_to_the_clean_bytes_or_ends_final_after_max_atte
             assert masks.run(context(project))["computed"] == 0
 
 
+def test_persona_stage_exits_75_while_failures_of_the_run_wait_for_a_retry(project):
+    set_params(project, masks={"erode_at_1024": 30})
+    blob, aside = _remove_blob(project)
+    cmd = PERSONA + ["stage", "masks", "--params", str(project / "params.yaml"), "--metrics-dir", str(project / "metrics")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 75 and "retrying=1" in r.stdout and "run again to retry" in r.stderr, r.stdout + r.stderr
+    aside.rename(blob)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and "computed=1" in r.stdout, r.stdout + r.stderr
+
+
 def test_permanent_verdicts_stay_cached(project):
     align = pd.read_parquet(project / "data/align/table.parquet")
     assert {"no_landmarks", "too_small"} & set(align["status"])  # biden.jpg has rejected detections
@@ -312,6 +323,21 @@ def test_run_reports_are_outside_the_stage_folders(project):
     build(context(project))
     after = {p: p.read_bytes() for s in COLUMNS for p in sorted((project / "data" / s).rglob("*")) if p.is_file()}
     assert before == after, "a rerun that computes nothing changed a stage folder (a DVC output)"
+
+
+def test_temp_files_of_a_killed_run_are_removed_by_the_next(project):
+    d = project / "data/masks"
+    orphans = [d / "parts/.part-000099.parquet.k2j3.tmp", d / ".tmp/.x.mask.png.a1b2.tmp",
+               d / ".table.parquet.zz9.tmp", project / "data/runs/.masks.json.q1.tmp",
+               project / "metrics/.masks.json.w2.tmp"]
+    for o in orphans:
+        o.parent.mkdir(parents=True, exist_ok=True)
+        o.write_bytes(b"half a file")
+    from stages import masks
+
+    assert masks.run(context(project))["computed"] == 0
+    assert not [o for o in orphans if o.exists()] and not (d / ".tmp").exists()
+    assert not list(project.rglob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------------- code changes
