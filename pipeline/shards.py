@@ -907,7 +907,7 @@ def synthetic_samples(
                 "bbox": [8.0, 8.0, size - 8.0, size - 8.0], "landmarks": [[0.0, 0.0]] * 5,
                 "landmarks_aligned": [[0.0, 0.0]] * 5, "quad": [[0.0, 0.0]] * 4, "score": 1.0, "split": "train",
                 "models": {s: {"name": "synthetic", "fingerprint": "synthetic", "weights_real": False}
-                           for s in ("align", "caption", "wplus", "identity")}}
+                           for s in ("detector", "caption", "wplus", "identity")}}
         s = {"__key__": key, "jpg": wild, "face.jpg": face, "mask.png": mask, "face_mask.png": mask,
              "txt": f"a photo of {ident or 'a person'}", "wplus.npy": w, "id.npy": e, "json": meta}
         if encoded:

@@ -68,6 +68,9 @@ def run(ctx: Context) -> dict:
     cfg = ctx.params.shards
     store = prepare(ctx, "shards")
     out = output_dir(ctx)
+    if isinstance(out, Path) and out.is_dir():  # temp files of a killed run's index / tsv / grid writes
+        for p in out.glob(".*.tmp"):
+            p.unlink()
     joined = join(ctx.root, cfg)
     before = previous_keys(out)
     index, rewritten = write_shards(joined, out, cfg)
