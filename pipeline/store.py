@@ -112,7 +112,7 @@ def arrow_table(rows: "Iterable[Mapping[str, Any]] | pd.DataFrame", schema: pa.S
     """Rows (dicts or a DataFrame) as an Arrow table of exactly `schema`; a column that is not in
     the schema is an error (every stage declares what it writes)."""
     if isinstance(rows, pd.DataFrame):
-        rows = rows.to_dict("records")
+        return _arrow_from_frame(rows, schema)
     rows = list(rows)
     names = set(schema.names)
     for r in rows:
@@ -125,6 +125,25 @@ def arrow_table(rows: "Iterable[Mapping[str, Any]] | pd.DataFrame", schema: pa.S
             arrays.append(pa.array([_cell(r.get(f.name), f.type) for r in rows], type=f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
             raise ValueError(f"column '{f.name}' does not fit {f.type}: {e}") from e
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _arrow_from_frame(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """`arrow_table` for a DataFrame: column by column (vectorised), a column that does not convert
+    as is (nested values, numpy scalars in objects) cell by cell."""
+    unknown = sorted(set(df.columns) - set(schema.names))
+    if unknown:
+        raise ValueError(f"columns {unknown} are not in the schema ({', '.join(schema.names)})")
+    arrays = []
+    for f in schema:
+        col = df[f.name] if f.name in df.columns else pd.Series([None] * len(df), dtype=object)
+        try:
+            arrays.append(pa.array(col, type=f.type, from_pandas=True))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            try:
+                arrays.append(pa.array([_cell(v, f.type) for v in col], type=f.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+                raise ValueError(f"column '{f.name}' does not fit {f.type}: {e}") from e
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
