@@ -247,6 +247,7 @@ class TeamServer:
     pg: Postgres
     server: object  # training.mlflow_server.MlflowServer
     bucket: str
+    s3_endpoint: str
     secrets: dict[str, dict[str, str]]
     root: Path
     outputs: list[str] = field(default_factory=list)  # stdout/stderr of the init steps (leak checks)
@@ -349,7 +350,7 @@ def start_team_server(bindir: Path, s3_endpoint: str, s3_keys: Mapping[str, str]
         (u,) = job["containers"]
         env = _override(container_env(u, sec), MLFLOW_TRACKING_URI=srv.url)
         _run(_mlflow(u["command"] + u["args"]), {**_base_env(), **env}, "mlflow-users job", outputs)
-        return TeamServer(srv.url, pg, srv, bucket, sec, root, outputs)
+        return TeamServer(srv.url, pg, srv, bucket, s3_endpoint, sec, root, outputs)
     except BaseException:
         if srv is not None:
             srv.stop()
