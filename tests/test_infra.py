@@ -1,6 +1,7 @@
 """infra/: the manifests parse, carry what KubeRay needs, and only run `persona` commands that exist."""
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import tomllib
@@ -183,15 +184,65 @@ def test_rayjobs_have_an_entrypoint_and_a_cluster():
             assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
 
 
-def test_training_jobs_run_on_gpus():
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_training_jobs_use_ray_train_on_the_gpus():
+    """`persona train --workers N --use-gpu`: N DDP ranks, one GPU each, on a cluster with exactly N GPUs
+    in its worker groups; the entrypoint process (the driver) holds none; Ray Train's checkpoints on
+    the shared volume every pod mounts."""
     for stage in (1, 2):
         (_, job), = _docs_of(f"rayjob-train-stage{stage}.yaml")
-        cmds = persona_commands(job["spec"]["entrypoint"])
-        assert cmds and cmds[0][:2] == ["persona", "train"] and ["--stage", str(stage)] == cmds[0][2:4]
-        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        (argv,) = persona_commands(job["spec"]["entrypoint"])
+        assert argv[:2] == ["persona", "train"] and _flag(argv, "--stage") == str(stage)
+        args = build_parser().parse_args(argv[1:])
+        assert args.workers and args.workers >= 2 and args.use_gpu, f"stage {stage}: not Ray Train on GPUs: {argv}"
+        assert "entrypointNumGpus" not in job["spec"], "the driver must not take a GPU a DDP rank needs"
+        spec = job["spec"]["rayClusterSpec"]
+        groups = spec["workerGroupSpecs"]
+        assert all(g["minReplicas"] == g["replicas"] == g["maxReplicas"] for g in groups), "a fixed-size training cluster"
         gpus = sum(g["replicas"] * max(_gpus(c) for c in _containers(g["template"])) for g in groups)
-        # the trainer runs in the entrypoint process: it must hold a GPU the cluster has
-        assert 1 <= job["spec"]["entrypointNumGpus"] <= gpus
+        assert gpus == args.workers, f"stage {stage}: {args.workers} GPU workers on a cluster with {gpus} GPUs"
+        storage = args.storage_path or ""
+        for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups]:
+            for c in _containers(t):  # every Ray pod sees the same checkpoints
+                mounts = [m for m in c["volumeMounts"] if storage.startswith(m["mountPath"].rstrip("/") + "/")]
+                vols = {v["name"]: v for v in t["spec"]["volumes"]}
+                assert mounts and "persistentVolumeClaim" in vols[mounts[0]["name"]], f"stage {stage}: {storage} not shared"
+
+
+def gpu_mismatches(where: str, spec: dict) -> list[str]:
+    """Where a Ray node would advertise other GPUs than its pod gets: `rayStartParams.num-gpus` (when
+    set) != the containers' nvidia.com/gpu limits, a GPU request != its limit, a GPU pod that does not
+    tolerate the GPU nodes' taint."""
+    out = []
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for name, g in groups:
+        pod = g["template"]["spec"]
+        gpus = sum(_gpus(c) for c in pod["containers"])
+        for c in pod["containers"]:
+            req = int(c.get("resources", {}).get("requests", {}).get("nvidia.com/gpu", _gpus(c)))
+            if req != _gpus(c):
+                out.append(f"{where}/{name}/{c['name']}: GPU request {req} != limit {_gpus(c)}")
+        declared = (g.get("rayStartParams") or {}).get("num-gpus")
+        if declared is not None and int(float(declared)) != gpus:
+            out.append(f"{where}/{name}: rayStartParams num-gpus {declared} != pod GPUs {gpus}")
+        if gpus and not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])):
+            out.append(f"{where}/{name}: GPU pod without the nvidia.com/gpu toleration")
+    return out
+
+
+def test_gpu_requests_agree_between_ray_and_kubernetes():
+    assert [m for where, spec in _cluster_specs() for m in gpu_mismatches(where, spec)] == []
+    # the check itself: a copy that advertises two GPUs on a one-GPU pod, and a request below its limit
+    (_, rc), = _docs_of("raycluster.yaml")
+    bad = copy.deepcopy(rc["spec"])
+    (gpu,) = [g for g in bad["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    gpu["rayStartParams"]["num-gpus"] = "2"
+    gpu["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = 0
+    found = gpu_mismatches("copy", bad)
+    assert any("num-gpus 2 != pod GPUs 1" in m for m in found) and any("request 0 != limit 1" in m for m in found)
 
 
 def test_pods_mount_the_shared_volume():
