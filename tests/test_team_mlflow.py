@@ -162,6 +162,30 @@ def flow(team, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------ tests
+def test_skips_only_without_binaries_and_apt_get(monkeypatch, tmp_path):
+    """Where PostgreSQL is missing: root with apt-get installs it (not exercised here); no apt-get, or
+    apt-get without root, gives the plain reason the fixture skips with."""
+    import shutil
+
+    from tests import team_server
+
+    monkeypatch.setattr(team_server, "PG_BIN_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    monkeypatch.delenv("PERSONA_PG_BIN", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert team_server.ensure_postgres() == (
+        None, "no PostgreSQL server binaries (initdb, pg_ctl) on this machine and no apt-get to install them")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get" else None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    found, why = team_server.ensure_postgres()
+    assert found is None and "apt-get needs root" in why
+    fake = tmp_path / "pg" / "bin"
+    fake.mkdir(parents=True)
+    for b in ("initdb", "pg_ctl", "postgres", "psql"):
+        (fake / b).write_text("")
+    monkeypatch.setenv("PERSONA_PG_BIN", str(fake))
+    assert team_server.ensure_postgres() == (fake, "")
+
+
 def test_first_start_migrates_both_databases(team):
     """`mlflow db upgrade` (the init container) made the tracking schema on the empty database, the
     auth app made its user store in `mlflow_auth`, and a second upgrade (a pod restart) changes nothing."""
