@@ -22,6 +22,9 @@ Where: tracking URI = explicit argument, else $MLFLOW_TRACKING_URI, else `regist
 `registry.registry_uri`, else the tracking URI. New experiments on a local store put their artifacts
 in `registry.artifact_location` (default `mlartifacts/`); on an HTTP server the server decides
 (`--artifacts-destination`). Concurrent promotions of the same model are not serialised.
+On a server with MLflow's basic-auth app the credentials are MLflow's own MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD (never from params or URIs; never logged, never in params or tags); a refusal (401 / 403) raises
+`RegistryAccessError`, one line naming the user and the refused call, never the password.
 """
 from __future__ import annotations
 
