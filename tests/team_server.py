@@ -98,14 +98,18 @@ def free_port() -> int:
     return fp()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie that no init process reaps counts as ended)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
@@ -180,12 +184,12 @@ class Postgres:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT to the postmaster), SIGKILL after `timeout`; then remove the folder."""
-        if self.pid and _alive(self.pid):
+        if self.pid and alive(self.pid):
             os.kill(self.pid, signal.SIGINT)
             t0 = time.monotonic()
-            while _alive(self.pid) and time.monotonic() - t0 < timeout:
+            while alive(self.pid) and time.monotonic() - t0 < timeout:
                 time.sleep(0.1)
-            if _alive(self.pid):
+            if alive(self.pid):
                 os.kill(self.pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 

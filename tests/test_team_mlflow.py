@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, S3_KEYS
-from tests.team_server import ensure_postgres, start_team_server
+from tests.team_server import alive, ensure_postgres, start_team_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,9 +44,7 @@ def team(s3_server):
     finally:
         pid = ts.pg.pid
         ts.stop()
-        assert not ts.server.alive()
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+        assert not ts.server.alive() and not alive(pid) and not ts.pg.root.exists()
 
 
 def client_env(team, user: dict | None) -> dict[str, str]:
