@@ -30,11 +30,12 @@ demo: venv
 	$(VENV)/bin/dvc repro
 
 # Two test processes, one per core on CI: a serial run leaves about half the CPU idle (it waits on
-# Ray, servers and subprocesses). Files stay whole on one worker (tests/conftest.py).
+# Ray, servers and subprocesses). Files stay whole on one worker (--dist loadfile; loadgroup's
+# xdist_group marks have no effect with pytest 9.2 + xdist 3.8), longest first (tests/conftest.py).
 TEST_WORKERS ?= 2
 
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

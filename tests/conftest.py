@@ -144,10 +144,11 @@ def s3(s3_server, monkeypatch, request):
 
 # ---------------------------------------------------------------------------------------- xdist
 
-# `make test` runs two workers (`-n 2 --dist loadgroup`): each file stays whole on one worker (its
+# `make test` runs two workers (`-n 2 --dist loadfile`): each file stays whole on one worker (its
 # module fixtures, such as a two-node Ray cluster, are built once per file), and the longest files
 # are handed out first so that none of them starts last and runs alone at the end.
-LONGEST_FIRST = ("test_resume_and_dvc", "test_train_cluster", "test_cluster", "test_training", "test_storage")
+LONGEST_FIRST = ("test_resume_and_dvc", "test_train_cluster", "test_cluster", "test_training", "test_storage",
+                 "test_team_mlflow")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -157,8 +158,6 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items[:] = [it for _, _, it in sorted((rank(it), i, it) for i, it in enumerate(items))]
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).stem))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """infra/: the manifests parse, carry what KubeRay needs, and only run `persona` commands that exist."""
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import tomllib
@@ -27,7 +28,8 @@ def _all_docs() -> list[tuple[Path, dict]]:
 
 
 def _pins() -> dict[str, str]:
-    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project.get("optional-dependencies", {}).values() for d in extra]
     out = {}
     for d in deps:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.+-]+)", d.strip())
@@ -86,7 +88,8 @@ def persona_commands(cmd: str) -> list[list[str]]:
             continue
         if seg[0] in ("bash", "sh") and "-c" in seg:
             found += persona_commands(seg[seg.index("-c") + 1])
-        elif seg[0] == "persona":
+        elif seg[0].rsplit("/", 1)[-1] == "persona":  # persona, .venv/bin/persona
+            seg = ["persona", *seg[1:]]
             found.append(seg)
             if "--" in seg:  # `persona jobs submit ... -- persona stage ...`
                 found += persona_commands(shlex.join(seg[seg.index("--") + 1 :]))
@@ -184,15 +187,65 @@ def test_rayjobs_have_an_entrypoint_and_a_cluster():
             assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
 
 
-def test_training_jobs_run_on_gpus():
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_training_jobs_use_ray_train_on_the_gpus():
+    """`persona train --workers N --use-gpu`: N DDP ranks, one GPU each, on a cluster with exactly N GPUs
+    in its worker groups; the entrypoint process (the driver) holds none; Ray Train's checkpoints on
+    the shared volume every pod mounts."""
     for stage in (1, 2):
         (_, job), = _docs_of(f"rayjob-train-stage{stage}.yaml")
-        cmds = persona_commands(job["spec"]["entrypoint"])
-        assert cmds and cmds[0][:2] == ["persona", "train"] and ["--stage", str(stage)] == cmds[0][2:4]
-        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        (argv,) = persona_commands(job["spec"]["entrypoint"])
+        assert argv[:2] == ["persona", "train"] and _flag(argv, "--stage") == str(stage)
+        args = build_parser().parse_args(argv[1:])
+        assert args.workers and args.workers >= 2 and args.use_gpu, f"stage {stage}: not Ray Train on GPUs: {argv}"
+        assert "entrypointNumGpus" not in job["spec"], "the driver must not take a GPU a DDP rank needs"
+        spec = job["spec"]["rayClusterSpec"]
+        groups = spec["workerGroupSpecs"]
+        assert all(g["minReplicas"] == g["replicas"] == g["maxReplicas"] for g in groups), "a fixed-size training cluster"
         gpus = sum(g["replicas"] * max(_gpus(c) for c in _containers(g["template"])) for g in groups)
-        # the trainer runs in the entrypoint process: it must hold a GPU the cluster has
-        assert 1 <= job["spec"]["entrypointNumGpus"] <= gpus
+        assert gpus == args.workers, f"stage {stage}: {args.workers} GPU workers on a cluster with {gpus} GPUs"
+        storage = args.storage_path or ""
+        for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups]:
+            for c in _containers(t):  # every Ray pod sees the same checkpoints
+                mounts = [m for m in c["volumeMounts"] if storage.startswith(m["mountPath"].rstrip("/") + "/")]
+                vols = {v["name"]: v for v in t["spec"]["volumes"]}
+                assert mounts and "persistentVolumeClaim" in vols[mounts[0]["name"]], f"stage {stage}: {storage} not shared"
+
+
+def gpu_mismatches(where: str, spec: dict) -> list[str]:
+    """Where a Ray node would advertise other GPUs than its pod gets: `rayStartParams.num-gpus` (when
+    set) != the containers' nvidia.com/gpu limits, a GPU request != its limit, a GPU pod that does not
+    tolerate the GPU nodes' taint."""
+    out = []
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for name, g in groups:
+        pod = g["template"]["spec"]
+        gpus = sum(_gpus(c) for c in pod["containers"])
+        for c in pod["containers"]:
+            req = int(c.get("resources", {}).get("requests", {}).get("nvidia.com/gpu", _gpus(c)))
+            if req != _gpus(c):
+                out.append(f"{where}/{name}/{c['name']}: GPU request {req} != limit {_gpus(c)}")
+        declared = (g.get("rayStartParams") or {}).get("num-gpus")
+        if declared is not None and int(float(declared)) != gpus:
+            out.append(f"{where}/{name}: rayStartParams num-gpus {declared} != pod GPUs {gpus}")
+        if gpus and not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])):
+            out.append(f"{where}/{name}: GPU pod without the nvidia.com/gpu toleration")
+    return out
+
+
+def test_gpu_requests_agree_between_ray_and_kubernetes():
+    assert [m for where, spec in _cluster_specs() for m in gpu_mismatches(where, spec)] == []
+    # the check itself: a copy that advertises two GPUs on a one-GPU pod, and a request below its limit
+    (_, rc), = _docs_of("raycluster.yaml")
+    bad = copy.deepcopy(rc["spec"])
+    (gpu,) = [g for g in bad["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    gpu["rayStartParams"]["num-gpus"] = "2"
+    gpu["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = 0
+    found = gpu_mismatches("copy", bad)
+    assert any("num-gpus 2 != pod GPUs 1" in m for m in found) and any("request 0 != limit 1" in m for m in found)
 
 
 def test_pods_mount_the_shared_volume():
@@ -217,12 +270,71 @@ def test_every_persona_command_in_manifests_and_docs_exists():
             for argv in cmds:
                 _check_command(argv, p.name)
                 checked += 1
-    for doc in (INFRA / "README.md", INFRA / "dvc-remote.md"):
-        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+    team = (INFRA.parent / "README.md").read_text().split("## Team deployment", 1)[1].split("\n## ", 1)[0]
+    for doc, text in [(p.name, p.read_text()) for p in (INFRA / "README.md", INFRA / "dvc-remote.md")] + [("README.md", team)]:
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
             for argv in persona_commands(block.replace("\\\n", " ")):
-                _check_command(argv, doc.name)
+                _check_command(argv, doc)
                 checked += 1
     assert checked >= 12
+
+
+def readme_secrets(text: str) -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl ... create secret generic NAME --from-literal=KEY=...`
+    commands in a document's bash blocks."""
+    out: dict[str, set[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "create secret generic" not in line:
+                continue
+            toks = shlex.split(line, comments=True)
+            name = toks[toks.index("generic") + 1]
+            out.setdefault(name, set()).update(t.split("=", 2)[1] for t in toks if t.startswith("--from-literal="))
+    return out
+
+
+def secret_refs(node, path: str = "") -> set[tuple[str, str | None]]:
+    """(Secret, key) every reference in a manifest reads (key None: the whole Secret, `envFrom`)."""
+    out: set[tuple[str, str | None]] = set()
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            out.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
+        if "secretRef" in node:
+            out.add((node["secretRef"]["name"], None))
+        if path.endswith("authOptions") and "secretName" in node:
+            out.add((node["secretName"], "auth_token"))  # KubeRay's token Secret
+        for k, v in node.items():
+            out |= secret_refs(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for v in node:
+            out |= secret_refs(v, path)
+    return out
+
+
+def test_no_credential_in_the_repository_only_secrets_the_readme_creates():
+    created = readme_secrets((INFRA.parent / "README.md").read_text())
+    assert set(created) >= {"persona-postgres", "persona-minio", "persona-mlflow-admin", "persona-mlflow-reader",
+                            "persona-mlflow-server", "persona-ray-auth"}
+    for p in INFRA.rglob("*"):
+        if p.is_file():
+            assert "change-me" not in p.read_text(errors="replace"), f"{p}: a placeholder credential"
+    refs = set()
+    for p, d in _all_docs():
+        assert d["kind"] != "Secret", f"{p.name}: defines Secret {d['metadata']['name']} (credentials belong in the cluster)"
+        refs |= secret_refs(d)
+    for name, key in sorted(refs, key=str):
+        assert name in created, f"the manifests read Secret {name}, which README.md does not tell the operator to create"
+        assert key is None or key in created[name], f"Secret {name}: key {key} is read but not created in README.md"
+    # the team-server tests fill exactly these Secrets
+    from tests.conftest import S3_KEYS
+    from tests.team_server import make_secrets
+
+    made = make_secrets(S3_KEYS)
+    mlflow_refs = {n for p, d in _all_docs() if p.name == "mlflow.yaml" for n, _ in secret_refs(d)}
+    assert set(made) == mlflow_refs and all(set(made[n]) == created[n] for n in made)
+    # and the readme's read-only user is the one the tests check
+    (job,) = [d for _, d in _docs_of("mlflow.yaml") if d["kind"] == "Job" and d["metadata"]["name"] == "mlflow-users"]
+    assert ("persona-mlflow-reader", "MLFLOW_TRACKING_PASSWORD") in secret_refs(job)
 
 
 def test_mlflow_stack_wiring():
@@ -232,21 +344,45 @@ def test_mlflow_stack_wiring():
         by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
     assert {"mlflow", "minio"} <= set(by_kind["Deployment"]) and "postgres" in by_kind["StatefulSet"]
     assert {"mlflow", "minio", "postgres"} <= set(by_kind["Service"])
-    secrets = set(by_kind["Secret"])
     workloads = list(by_kind["Deployment"].values()) + list(by_kind["StatefulSet"].values()) + list(by_kind.get("Job", {}).values())
-    for w in workloads:  # every Secret a pod reads is defined here
-        for c in w["spec"]["template"]["spec"]["containers"]:
-            refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
-            refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
-            assert set(refs) <= secrets, f"{w['metadata']['name']}: unknown secret {set(refs) - secrets}"
+    configmaps = set(by_kind["ConfigMap"])
+    for w in workloads:  # every ConfigMap a pod mounts is defined here
+        for v in w["spec"]["template"]["spec"].get("volumes", []):
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, f"{w['metadata']['name']}: unknown ConfigMap"
     for name, svc in by_kind["Service"].items():  # every Service selects pods defined here
         sel = svc["spec"]["selector"].items()
         assert any(sel <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads), f"Service {name} selects nothing"
-    (mlflow,) = by_kind["Deployment"]["mlflow"]["spec"]["template"]["spec"]["containers"]
-    args = " ".join(mlflow["args"])
-    assert "--backend-store-uri=postgresql://" in args and "@postgres:5432/" in args
-    assert "--artifacts-destination=s3://" in args
-    assert any(e.get("name") == "MLFLOW_S3_ENDPOINT_URL" and "minio:9000" in e.get("value", "") for e in mlflow["env"])
+    pod = by_kind["Deployment"]["mlflow"]["spec"]["template"]["spec"]
+    (mlflow,) = pod["containers"]
+    args = mlflow["args"]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert "--app-name=basic-auth" in args and "--serve-artifacts" in args
+    assert any(a.startswith("--artifacts-destination=s3://") for a in args)
+    (backend,) = [a.split("=", 1)[1] for a in args if a.startswith("--backend-store-uri=")]
+    assert backend.startswith("postgresql:///") and "@" not in backend  # no user, host or password in the URI
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "persona-postgres"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "persona-mlflow-admin"
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["PGHOST"]["value"] == "postgres"
+    ini = by_kind["ConfigMap"]["persona-mlflow-auth"]["data"]["basic_auth.ini"]
+    assert "default_permission = READ" in ini and "database_uri = postgresql:///mlflow_auth" in ini
+    assert "admin_password" not in ini
+    mount = next(m["mountPath"] for m in mlflow["volumeMounts"] if m["name"] == "auth-config")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount}/basic_auth.ini"
+    (upgrade,) = pod["initContainers"]
+    assert upgrade["args"][:2] == ["db", "upgrade"] and upgrade["args"][2] == backend
+    init = by_kind["ConfigMap"]["persona-postgres-init"]["data"]
+    assert any("CREATE DATABASE mlflow_auth" in v for v in init.values())
+    (pg,) = by_kind["StatefulSet"]["postgres"]["spec"]["template"]["spec"]["containers"]
+    assert any(m["mountPath"] == "/docker-entrypoint-initdb.d" for m in pg["volumeMounts"])
+    # Ray pods: the tracking server and the admin's credentials, from the Secret
+    for where, spec in _cluster_specs():
+        for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            for c in _containers(t):
+                e = {x["name"]: x for x in c["env"]}
+                assert e["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000", where
+                for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    assert e[k]["valueFrom"]["secretKeyRef"] == {"name": "persona-mlflow-admin", "key": k}, where
 
 
 def test_dockerfile_pins_match_pyproject():
@@ -261,4 +397,10 @@ def test_dockerfile_pins_match_pyproject():
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", "data", "tests/.cache"} <= set(ignore)
     mlflow = (INFRA / "mlflow.Dockerfile").read_text()
-    assert f"mlflow=={pins['mlflow']}" in mlflow
+    for pkg in ("mlflow", "psycopg"):  # the server image runs what tests/test_team_mlflow.py ran
+        found = set(re.findall(rf"(?<![\w-]){pkg}(?:\[[^\]]*\])?==([\w.+-]+)", mlflow))
+        assert found == {pins[pkg]}, f"mlflow.Dockerfile pins {pkg} {found}, pyproject {pins[pkg]}"
+    assert "mlflow[auth]==" in mlflow  # the basic-auth app's extra (Flask-WTF)
+    import sqlalchemy
+
+    assert f"sqlalchemy=={sqlalchemy.__version__}" in mlflow  # 2.1: postgresql:// means psycopg 3

@@ -8,9 +8,9 @@ starts `python -m mlflow server --backend-store-uri <backend> --artifacts-destin
 `MLFLOW_TRACKING_URI=http://127.0.0.1:<port>`; artifacts travel through the server
 (`mlflow-artifacts:/` URIs), so clients need no access to the artifact folder.
 
-For a team server (Postgres + object store) see the README: the same command line with
-`--backend-store-uri postgresql://...` and `--artifacts-destination s3://...`, behind TLS and auth.
-`start_server` / `MlflowServer.stop` are what the integration tests use.
+For a team server (PostgreSQL + object store + MLflow's basic-auth app) see the README, "Team
+deployment", and infra/k8s/mlflow.yaml; `launch` runs that manifest's own command line in the tests
+(tests/team_server.py). `start_server` / `MlflowServer.stop` are what the integration tests use.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 log = logging.getLogger("persona.mlflow_server")
 
@@ -124,18 +124,39 @@ def start_server(
         art = Path(artifacts)
         art = art if art.is_absolute() else cwd / art
         art.mkdir(parents=True, exist_ok=True)
+    return launch(server_command(port, backend, art, host, workers), f"http://{host}:{port}", backend=backend,
+                  artifacts=art, timeout=timeout, log_path=log_path, cwd=cwd)
+
+
+def launch(
+    cmd: list[str],
+    url: str,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    backend: str = "",
+    artifacts: Path | str = "",
+    timeout: float = 120.0,
+    log_path: Optional[str | os.PathLike] = None,
+    cwd: Optional[str | os.PathLike] = None,
+) -> MlflowServer:
+    """Run an `mlflow server ...` command line (its own process group) and wait until `url`/health answers.
+
+    `env` is the server's whole environment (default: this process's). Used by `start_server` and by
+    the team-server tests, which run the command line of infra/k8s/mlflow.yaml (PostgreSQL backend,
+    basic-auth app, S3 artifacts). The command line is logged; pass secrets in `env`, never in `cmd`.
+    """
     lp = Path(log_path) if log_path else None
     out = open(lp, "ab") if lp else subprocess.DEVNULL
-    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    cmd = server_command(port, backend, art, host, workers)
+    env = {**(os.environ if env is None else env), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     log.info("starting %s", " ".join(cmd))
     try:
-        proc = subprocess.Popen(cmd, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(cmd, cwd=str(cwd or Path.cwd()), stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     finally:
         if lp:
             out.close()
-    srv = MlflowServer(proc, f"http://{host}:{port}", port, backend, art, lp)
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    srv = MlflowServer(proc, url, port, backend, artifacts, lp)
     t0 = time.monotonic()
     while not health(srv.url):
         if proc.poll() is not None:

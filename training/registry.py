@@ -22,6 +22,9 @@ Where: tracking URI = explicit argument, else $MLFLOW_TRACKING_URI, else `regist
 `registry.registry_uri`, else the tracking URI. New experiments on a local store put their artifacts
 in `registry.artifact_location` (default `mlartifacts/`); on an HTTP server the server decides
 (`--artifacts-destination`). Concurrent promotions of the same model are not serialised.
+On a server with MLflow's basic-auth app the credentials are MLflow's own MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD (never from params or URIs; never logged, never in params or tags); a refusal (401 / 403) raises
+`RegistryAccessError`, one line naming the user and the refused call, never the password.
 """
 from __future__ import annotations
 
@@ -81,6 +84,10 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done (no candidate, nothing to roll back to, ...)."""
 
 
+class RegistryAccessError(RegistryError):
+    """The MLflow server refused the request: no or wrong credentials (401) or not allowed (403)."""
+
+
 class PromotionRefused(RegistryError):
     """The candidate does not beat the champion; `decision` holds the numbers."""
 
@@ -110,14 +117,65 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+# The one place that turns an authenticated server's refusal into one clear line. Credentials come
+# only from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's client reads them); the
+# message names the user, never the password.
+_ACCESS_CODES = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+def access_status(e: BaseException) -> Optional[int]:
+    """401 / 403 when `e` is an MLflow server's refusal (REST error code or HTTP status), else None."""
+    code = getattr(e, "error_code", None)
+    if code in _ACCESS_CODES:
+        return _ACCESS_CODES[code]
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+def access_message(status: int, uri: str, what: str) -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and not user:
+        return (f"the MLflow server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (refused: {what})")
+    if status == 401:
+        return (f"the MLflow server {uri} rejected the credentials of user '{user}' "
+                f"(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; refused: {what})")
+    return (f"user '{user}' may not {what} on the MLflow server {uri} (403 permission denied): the account "
+            "can read but not change this; use an account with EDIT or MANAGE on it, or ask an MLflow admin")
+
+
+class _AccessChecked:
+    """An MlflowClient whose calls raise RegistryAccessError for a 401/403 (everything else unchanged)."""
+
+    def __init__(self, client, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised unless it is a refusal
+                status = access_status(e)
+                if status is None:
+                    raise
+                shown = ", ".join(repr(a) for a in args[:2] if isinstance(a, (str, int)))
+                raise RegistryAccessError(access_message(status, self._uri, f"{name}({shown})")) from e
+
+        return call
+
+
 def client_for(tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None,
                cfg: Optional[RegistryConfig] = None):
-    """An `MlflowClient` on the resolved URIs."""
+    """An `MlflowClient` on the resolved URIs (a 401/403 from the server raises RegistryAccessError)."""
     _quiet_mlflow()
     from mlflow import MlflowClient
 
     t, r = resolve_uris(tracking_uri, registry_uri, cfg)
-    return MlflowClient(tracking_uri=t, registry_uri=r)
+    return _AccessChecked(MlflowClient(tracking_uri=t, registry_uri=r), t)
 
 
 def _not_found(e: Exception) -> bool:
@@ -138,8 +196,14 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike, *, t
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    uri = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri).get_model_version_download_uri(name, str(version))
-    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    client = _AccessChecked(MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri), tracking_uri)
+    uri = client.get_model_version_download_uri(name, str(version))
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a refusal
+        if access_status(e) is None:
+            raise
+        raise RegistryAccessError(access_message(access_status(e), tracking_uri, f"download {uri}")) from e
     return Path(path)
 
 
