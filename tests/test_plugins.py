@@ -7,13 +7,12 @@ import os
 import shutil
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import plugins
-from pipeline.plugins import ALL, Member, PluginError, Stage, order
+from pipeline.plugins import ALL, PluginError, Stage, order
 from tests.conftest import PERSONA, REPO
 
 
