@@ -136,8 +136,10 @@ def test_build_survives_undecodable_names_fifos_and_a_folder_named_like_a_photo(
     (src / "obama" / "folder.jpg").mkdir()  # a folder named like a photo: its contents are photos
     shutil.copy(sample_raw / "sample/obama/obama3.jpg", src / "obama" / "folder.jpg" / "inside.jpg")
     out = tmp_path / "out"
-    r = subprocess.run(PERSONA + ["build", "--source", str(src), "--out", str(out), "--until", "align",
-                                  "--params", str(tmp_path / "defaults.yaml")], capture_output=True, text=True, timeout=600)
+    params = tmp_path / "params.yaml"
+    params.write_text("runtime: {executor: local, progress: false}\nwplus: {input_size: 64}\n")
+    r = subprocess.run(PERSONA + ["build", "--source", str(src), "--out", str(out), "--params", str(params)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
     t = pd.read_parquet(out / "ingest" / "table.parquet")
@@ -154,9 +156,11 @@ def test_build_survives_undecodable_names_fifos_and_a_folder_named_like_a_photo(
     jorg = by.loc["J\ufffdrg/biden.jpg"]
     assert jorg["status"] == "ok" and jorg["identity_label"] == "J\ufffdrg"
     assert re.fullmatch(r"J_rg-[0-9a-f]{8}", jorg["identity"])
-    # the photo behind the undecodable name was read by align too
+    # the photo behind the undecodable name was read by align too, and every photo reached the shards
     a = pd.read_parquet(out / "align" / "table.parquet")
     assert (a.loc[a["image_id"] == cafe["image_id"], "status"] == "ok").any()
+    index = json.loads((out / "shards" / "index.json").read_text())
+    assert set(index["identities"]) == {"obama", jorg["identity"]} and index["identities"]["obama"]["faces"] == 3
 
 
 def test_table_bytes_do_not_depend_on_part_size(tmp_path, raw_copy):
