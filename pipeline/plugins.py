@@ -16,6 +16,11 @@ They are Python entry points, declared in `pyproject.toml` and recorded in the p
                                                                              owner's check (run on use
                                                                              and by `check_params`)
 
+When the framework runs from a checkout (a `pyproject.toml` beside `pipeline/`: PYTHONPATH=<repo>, an
+editable install, a Ray Job's uploaded working dir), that file's entry points stand in for the installed
+metadata of the same distribution, so a stage added there is seen without reinstalling. Other
+distributions' entry points (third-party plugins) always come from their metadata.
+
 A new data stage is one module holding a `Stage`, one entry point and (if it has params) one section
 dataclass with its entry point: `persona stage|build|stages`, the run order, the shard join and the
 params loader pick it up. `load_params` imports the module of every `persona.sections` target, so keep
@@ -30,7 +35,10 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import re
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 log = logging.getLogger("persona.plugins")
@@ -99,9 +107,29 @@ class PluginError(RuntimeError):
     """A registration problem: duplicate or unknown names, a cycle, a target of the wrong type."""
 
 
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _checkout() -> tuple[Optional[str], dict[str, tuple[importlib.metadata.EntryPoint, ...]]]:
+    """(distribution name, {group: entry points}) of the pyproject.toml beside `pipeline/`, if any."""
+    pp = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pp.is_file():
+        return None, {}
+    project = tomllib.loads(pp.read_text()).get("project", {})
+    groups = {g: tuple(importlib.metadata.EntryPoint(n, v, g) for n, v in table.items())
+              for g, table in project.get("entry-points", {}).items()}
+    return project.get("name"), groups
+
+
 def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
-    """The entry points of `group`, sorted by name; a name registered twice is an error."""
-    eps = sorted(importlib.metadata.entry_points(group=group), key=lambda e: (e.name, e.value))
+    """The entry points of `group`, sorted by name; a name registered twice is an error. The
+    checkout's pyproject.toml replaces its own distribution's installed metadata (module doc)."""
+    dist, local = _checkout()
+    installed = [ep for ep in importlib.metadata.entry_points(group=group)
+                 if not (dist and ep.dist is not None and _norm(ep.dist.name) == _norm(dist))]
+    eps = sorted(installed + list(local.get(group, ())), key=lambda e: (e.name, e.value))
     seen: dict[str, str] = {}
     for ep in eps:
         if ep.name in seen and seen[ep.name] != ep.value:
@@ -113,8 +141,8 @@ def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
 
 def _not_installed(group: str) -> PluginError:
     return PluginError(
-        f"nothing is registered under '{group}': the project's entry points are read from its package "
-        "metadata; install it (`pip install -e .`, which `make venv` runs) after changing pyproject.toml"
+        f"nothing is registered under '{group}': the project's entry points come from the pyproject.toml "
+        "beside pipeline/ or from its installed metadata (`pip install -e .`, which `make venv` runs)"
     )
 
 
@@ -235,6 +263,7 @@ def raw_section_validators() -> dict[str, Callable[[Any], Any]]:
 
 def clear_caches() -> None:
     """Forget loaded plugins (tests that register a plugin at run time)."""
+    _checkout.cache_clear()
     _load.cache_clear()
     _load_stages.cache_clear()
     typed_sections.cache_clear()

@@ -173,3 +173,20 @@ def test_a_new_stage_is_one_module_and_its_entry_points(tmp_path, sample_raw):
     r = subprocess.run(PERSONA + ["stage", "toy", "--params", str(params), "--root", str(tmp_path / "out")],
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "unknown key 'toy.scael'" in r.stderr
+
+
+def test_a_checkout_registers_from_its_own_pyproject(tmp_path):
+    """Code run from a checkout (PYTHONPATH, a Ray Job's working dir) uses that checkout's entry points,
+    not the installed metadata: a stage added there is seen without reinstalling."""
+    for d in ("pipeline", "stages"):
+        shutil.copytree(REPO / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "stages" / "toy.py").write_text(TOY_STAGE)
+    pp = (REPO / "pyproject.toml").read_text().replace(
+        '[project.entry-points."persona.stages"]\n', '[project.entry-points."persona.stages"]\ntoy = "stages.toy:STAGE"\n')
+    (tmp_path / "pyproject.toml").write_text(pp.replace(
+        '[project.entry-points."persona.sections"]\n', '[project.entry-points."persona.sections"]\ntoy = "stages.toy:ToyConfig"\n'))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(PERSONA + ["stages"], capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    assert [ln.split()[0] for ln in out.splitlines()].count("toy") == 1
+    out = subprocess.run(PERSONA + ["stages"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "toy" not in out.split()  # the repository's own checkout does not have it
