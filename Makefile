@@ -44,4 +44,4 @@ bench: venv
 	$(PY) -m benchmarks.run_all
 
 clean-data:
-	rm -rf data/ingest data/dedup data/align data/masks data/caption data/wplus data/identity data/shards metrics
+	rm -rf data/ingest data/dedup data/align data/masks data/caption data/wplus data/identity data/shards data/runs metrics

@@ -120,7 +120,7 @@ def masks(rows: list[dict], align_dir: Path, out: Path, cfg, output_size: int) -
     from pipeline.images import decode_image, encode_png
     from pipeline.models import align as geom
     from pipeline.models import faces
-    from stages.masks import hull_mask
+    from pipeline.models.masks import hull_mask
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

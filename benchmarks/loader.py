@@ -75,10 +75,11 @@ def ensure_build(n: int) -> Path:
 
 
 def make_shards(root: Path, out: Path, per_shard: int) -> int:
-    from pipeline.shards import join_tables, write_shards
+    from pipeline.shards import write_shards
+    from stages.shards import join
 
     cfg = params_for(Path("."), root, None, shards={"samples_per_shard": per_shard, "val_fraction": 0.0}).shards
-    joined = join_tables(root, cfg)
+    joined = join(root, cfg)
     write_shards(joined, out, cfg)
     return len(joined.rows)
 

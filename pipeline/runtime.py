@@ -11,6 +11,8 @@ failures into per-item error rows instead of crashing:
   node is gone) never blocks the run: the surviving actors finish the work;
 - a worker whose factory raises (a model that cannot load) -> RuntimeError, the stage stops.
 Nothing is committed by the workers: the driver receives each result exactly once.
+`error` and `worker_crashed` (`TRANSIENT`) record failures of the run, not verdicts about the input:
+the stage runner retries them on later runs (pipeline/stage.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ log = logging.getLogger("persona.runtime")
 
 BatchFn = Callable[[list[dict]], list[list[dict]]]
 Factory = Callable[[], BatchFn]
+
+ERROR = "error"  # the batch function raised for this item
+WORKER_CRASHED = "worker_crashed"  # the item killed its worker process twice
+TRANSIENT = frozenset({ERROR, WORKER_CRASHED})
 
 
 def gpu_count() -> int:
@@ -87,13 +93,13 @@ def process_batch(fn: BatchFn, batch: list[dict]) -> list[list[dict]]:
         return out
     except Exception:
         if len(batch) == 1:
-            return [[_error_row(batch[0], "error", _exc_text())]]
+            return [[_error_row(batch[0], ERROR, _exc_text())]]
     results = []
     for item in batch:
         try:
             (res,) = fn([item])
         except Exception:
-            res = [_error_row(item, "error", _exc_text())]
+            res = [_error_row(item, ERROR, _exc_text())]
         results.append(res)
     return results
 
@@ -281,7 +287,7 @@ def _map_ray(factory, batches, cfg, num_gpus, workers, progress, stats):
                     replace(i)
                 if alone and crashes >= 1:
                     log.warning("item %s killed its worker twice: recorded as worker_crashed", batch[0].get("key"))
-                    res = [[_error_row(batch[0], "worker_crashed", f"{type(e).__name__}: {e}"[:500])]]
+                    res = [[_error_row(batch[0], WORKER_CRASHED, f"{type(e).__name__}: {e}"[:500])]]
                     progress.update(1)
                     yield batch, res
                 else:

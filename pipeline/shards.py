@@ -1,30 +1,34 @@
 """WebDataset shards: join of the per-face tables, deterministic writer, streaming reader.
 
 Writer (`join_tables` -> `write_shards` -> `shard_metrics`)
-    Every `ok` align face is joined with its rows in the later stages (`STAGE_ORDER`). A face that
-    is missing from, or not `ok` in, a joined stage is excluded with reason `<stage>:<status>`
-    (`<stage>:missing`, `<stage>:blob_missing`, `<stage>:bad_shape` for rows whose blob is absent or
-    of the wrong shape), so faces in == written + sum(excluded). A stage listed in
-    `shards.required` must have a table (else FileNotFoundError); one in `shards.optional` may lack
-    one (caption disabled): the shards are written without it and the metrics say so.
-    Train/val are split BY IDENTITY: identity i goes to val when
+    The writer knows no stage by name: the shards stage hands it the registered stages
+    (`pipeline.plugins.Stage`): the `base` one, whose `ok` rows are the samples (one per face), and
+    the ones joined to it by key, each with the members it adds to a sample, the metadata it adds to
+    the sample's `json` and the column prefix of its model identity. A face that is missing from, or
+    not `ok` in, a joined stage is excluded with reason `<stage>:<status>` (`<stage>:missing`,
+    `<stage>:blob_missing`, `<stage>:bad_shape` for rows whose blob is absent or of the wrong shape),
+    so faces in == written + sum(excluded). A `required` stage must have a table (else
+    FileNotFoundError); an optional one may lack one (caption disabled): the shards are written
+    without its members (a text member with a `missing` value gets that value) and the metrics say so.
+    Train/val are split BY IDENTITY (the base stage's `identity` metadata): identity i goes to val when
     u(i) = sha256(seed, i) / 2**64 < val_fraction (stable: adding identities never moves others);
     with >= 2 labeled identities and val_fraction > 0 both splits get at least one identity.
     Unlabeled faces (identity null) are always train. Within a split samples are sorted by key
     and cut into `samples_per_shard` tars `<out>/<split>/<split>-NNNNNN.tar`, written member by
     member with `tarfile` (mtime 0, uid/gid 0, empty user/group, mode 0644, USTAR): the same
     inputs give the same bytes. Also `<out>/index.json` (per shard: file, samples, bytes, sha256;
-    per split and per identity counts; the input signature), `<out>/samples.tsv` (key, split,
-    shard, identity) and `<out>/grid.png`.
+    per split and per identity counts; the member names in order; the input signature, which covers
+    every joined row signature, the shard params and the shard stage's code), `<out>/samples.tsv`
+    (key, split, shard, identity) and `<out>/grid.png`.
 
-Sample keys (members in this order): `jpg` in-the-wild crop (JPEG bytes as made by align),
-`face.jpg` aligned 512 face, `mask.png` face mask on the in-the-wild crop (uint8, 255 = face),
-`face_mask.png` face mask on the aligned face, `txt` caption (UTF-8, '' when none), `wplus.npy`
-float16 (18, 512), `id.npy` float32 (512,) L2-normalised, `json` metadata (key, identity, source,
-image_id, face_index, bbox [x0,y0,x1,y1] px, landmarks 5x2 px, landmarks_aligned 5x2 px in the
-aligned crop, quad 4x2 px, score, split, models{stage: {name, fingerprint, weights_real}}). The
-keys of a missing optional stage are absent (caption: `txt` is ''). `json` is written last, so a
-sample cut by a truncated tar is incomplete and dropped by the reader.
+Sample members, in order: the base stage's, then each joined stage's in pipeline order, then `json`
+(written last, so a sample cut by a truncated tar is incomplete and dropped by the reader). With the
+stages registered today: `jpg` in-the-wild crop (JPEG bytes as made by align), `face.jpg` aligned 512
+face, `txt` caption (UTF-8, '' when none), `id.npy` float32 (512,) L2-normalised, `mask.png` face mask
+on the in-the-wild crop (uint8, 255 = face), `face_mask.png` face mask on the aligned face,
+`wplus.npy` float16 (18, 512), `json` metadata (key, identity, identity_label, source, image_id,
+face_index, bbox [x0,y0,x1,y1] px, landmarks 5x2 px, landmarks_aligned 5x2 px in the aligned crop,
+quad 4x2 px, score, split, models{stage: {name, fingerprint, weights_real}}).
 
 Reader (`make_dataset`, open_clip style)
     A declarative `webdataset.DataPipeline`: shard list -> split by node and worker -> tar
@@ -58,31 +62,20 @@ import numpy as np
 import webdataset as wds
 
 from .config import ShardsConfig, section_hash
+from .faults import crash_point
 from .images import decode_image, encode_jpeg, encode_png
+from .plugins import Member, Stage
 from .storage import RemotePath, is_remote, spath
-from .store import ItemStore, atomic_write_bytes, atomic_write_json, read_table
+from .store import ItemStore, atomic_write_bytes, atomic_write_json, read_table_rows
 
-VERSION = "1"
 log = logging.getLogger("persona.shards")
 
-STAGE_ORDER = ("masks", "caption", "wplus", "identity")  # joined after align, in this order
 SPLITS = ("train", "val")
+# The reader's view of the sample format (the writer takes its members from the registered stages).
 MEMBER_ORDER = ("jpg", "face.jpg", "mask.png", "face_mask.png", "txt", "wplus.npy", "id.npy", "json")
 REQUIRED_KEYS = ("jpg", "face.jpg", "json")  # the reader drops samples without these
 WPLUS_SHAPE = (18, 512)
 ID_SHAPE = (512,)
-
-# stage -> {blob column: sample key}
-BLOB_COLUMNS: dict[str, dict[str, str]] = {
-    "align": {"wild_blob": "jpg", "face_blob": "face.jpg"},
-    "masks": {"mask_blob": "mask.png", "face_mask_blob": "face_mask.png"},
-    "caption": {},
-    "wplus": {"wplus_blob": "wplus.npy"},
-    "identity": {"id_blob": "id.npy"},
-}
-NPY_SHAPES = {"wplus_blob": WPLUS_SHAPE, "id_blob": ID_SHAPE}
-# stage -> column prefix of its model identity (<p>_model or `detector`, <p>_fingerprint, <p>_weights_real)
-MODEL_PREFIX = {"align": "detector", "caption": "caption", "wplus": "wplus", "identity": "id"}
 
 
 # ============================================================================================
@@ -93,13 +86,15 @@ MODEL_PREFIX = {"align": "detector", "caption": "caption", "wplus": "wplus", "id
 class Joined:
     """The faces to shard and the accounting of the ones that are not."""
 
-    rows: list[dict]  # one per written face, sorted by key (blob paths absolute)
-    faces_in: int  # ok align faces
+    rows: list[dict]  # one per written face, sorted by key: key, identity, image_id, members, meta, grid
+    faces_in: int  # ok rows of the base stage
     excluded: dict[str, list[str]]  # reason -> face keys
-    align_rejected: dict[str, int]  # non-ok align rows by status (not faces in: no_face, too_small, ...)
+    base_rejected: dict[str, int]  # non-ok base rows by status (not faces in: no_face, too_small, ...)
     missing: list[str]  # optional stages without a table
-    stages: list[str]  # stages joined after align
-    signature: str  # hash of every joined row signature + params + VERSION
+    stages: list[str]  # stages joined to the base
+    signature: str  # hash of every joined row signature + params + code
+    member_order: list[str]  # member names of a sample, `json` last
+    base: str = ""  # the base stage's name
 
 
 def _py(v: Any) -> Any:
@@ -111,15 +106,16 @@ def _py(v: Any) -> Any:
     return v
 
 
-def _json_field(v: Any) -> Any:
+def _meta_value(v: Any) -> Any:
+    """A metadata value: JSON text ([..] / {..}) parsed, everything else as stored."""
     v = _py(v)
-    if isinstance(v, str):
+    if isinstance(v, str) and v[:1] in ("[", "{"):
         try:
             return json.loads(v)
         except json.JSONDecodeError:
             return v
-    if isinstance(v, np.ndarray):
-        return v.tolist()
+    if isinstance(v, bytes):
+        return None
     return v
 
 
@@ -142,140 +138,146 @@ def _npy_shape(path: Path) -> tuple[int, ...] | None:
         return None
 
 
-def _model(stage: str, row: dict) -> dict | None:
-    p = MODEL_PREFIX.get(stage)
-    if p is None:
-        return None
-    name = row.get("detector" if stage == "align" else f"{p}_model")
-    if _py(name) is None:
+def _model(stage: Stage, row: dict) -> dict | None:
+    """{name, fingerprint, weights_real} of the model that made `row` (None without one)."""
+    p = stage.model
+    if p is None or _py(row.get(f"{p}_model")) is None:
         return None
     real = _py(row.get(f"{p}_weights_real"))
-    return {"name": str(name), "fingerprint": _py(row.get(f"{p}_fingerprint")),
+    return {"name": str(row[f"{p}_model"]), "fingerprint": _py(row.get(f"{p}_fingerprint")),
             "weights_real": None if real is None else bool(real)}
 
 
-def _stages(cfg: ShardsConfig) -> list[str]:
-    unknown = [s for s in sorted(set(cfg.required) | set(cfg.optional)) if s not in STAGE_ORDER]
-    if unknown:
-        raise ValueError(f"shards.required/optional: unknown stage(s) {unknown}; choose from {list(STAGE_ORDER)}")
-    both = sorted(set(cfg.required) & set(cfg.optional))
-    if both:
-        raise ValueError(f"shards: stage(s) {both} listed as both required and optional")
-    return [s for s in STAGE_ORDER if s in cfg.required or s in cfg.optional]
-
-
-def _table_digest(h: "hashlib._Hash", stage: str, df) -> None:
+def _table_digest(h: "hashlib._Hash", stage: str, rows: list[dict]) -> None:
     h.update(f"\x01{stage}\x00".encode())
-    if "sig" in df.columns:
-        for k, st, sg in zip(df["key"], df["status"], df["sig"]):
-            h.update(f"{k}\x00{st}\x00{sg}\x00".encode())
+    if rows and "sig" in rows[0]:
+        for r in rows:
+            h.update(f"{r['key']}\x00{r['status']}\x00{r['sig']}\x00".encode())
     else:  # no per-row signature: hash every value
-        cols = sorted(df.columns)
-        for rec in df[cols].itertuples(index=False):
-            h.update(("\x00".join(map(str, rec)) + "\x02").encode())
+        for r in rows:
+            h.update(("\x00".join(f"{k}={r[k]!r}" for k in sorted(r)) + "\x02").encode())
 
 
 def params_signature(cfg: ShardsConfig) -> str:
-    """Hash of the shard params that change the output bytes (not `out`)."""
+    """Hash of the shard params that change the output bytes (not `out`, not the stage lists, whose
+    effect is in the joined tables)."""
     return section_hash(cfg, exclude=("out",))
 
 
-def join_tables(root: str | os.PathLike, cfg: ShardsConfig) -> Joined:
-    """Join align with the later stage tables; see the module docstring for the rules."""
+def member_order(base: Stage, stages: Sequence[Stage]) -> list[str]:
+    """Sample member names in tar order: the base stage's, each joined stage's, then `json`."""
+    names = [m.name for s in (base, *stages) for m in s.members] + ["json"]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"shard member(s) {dup} are contributed by more than one stage")
+    return names
+
+
+def join_tables(root: str | os.PathLike, base: Stage, stages: Sequence[Stage], required: Iterable[str],
+                params_sig: str, code: str = "") -> Joined:
+    """Join the base stage's table with the `stages` tables; see the module docstring for the rules.
+    `required`: names of the stages whose table must exist; `params_sig` and `code` go into the
+    signature (the shard params and the shard stage's code fingerprint)."""
     root = spath(root)
-    stages = _stages(cfg)
-    align = read_table(root, "align")
-    h = hashlib.sha256(f"shards\x00{VERSION}\x00{params_signature(cfg)}\x00".encode())
-    _table_digest(h, "align", align)
+    required = set(required)
+    order = member_order(base, stages)
+    base_rows = read_table_rows(root, base.name)
+    h = hashlib.sha256(f"shards\x00{code}\x00{params_sig}\x00".encode())
+    _table_digest(h, base.name, base_rows)
     tables: dict[str, dict[str, dict]] = {}
     missing: list[str] = []
     for stage in stages:
         try:
-            df = read_table(root, stage)
+            rows = read_table_rows(root, stage.name)
         except FileNotFoundError:
-            if stage in cfg.required:
+            if stage.name in required:
                 raise FileNotFoundError(
-                    f"shards: the required stage table {root / stage / 'table.parquet'} is missing; run the "
-                    f"'{stage}' stage first, or list '{stage}' under shards.optional"
+                    f"shards: the required stage table {root / stage.name / 'table.parquet'} is missing; run the "
+                    f"'{stage.name}' stage first, or list '{stage.name}' under shards.optional"
                 ) from None
-            log.warning("shards: optional stage '%s' has no table; shards are written without it", stage)
-            missing.append(stage)
-            h.update(f"\x01{stage}\x00missing".encode())
+            log.warning("shards: optional stage '%s' has no table; shards are written without it", stage.name)
+            missing.append(stage.name)
+            h.update(f"\x01{stage.name}\x00missing".encode())
             continue
-        _table_digest(h, stage, df)
-        tables[stage] = {r["key"]: r for r in df.to_dict("records")}
+        _table_digest(h, stage.name, rows)
+        tables[stage.name] = {r["key"]: r for r in rows}
 
-    ok = align[align["status"] == "ok"].sort_values("key", kind="mergesort")
-    rejected = align[align["status"] != "ok"]["status"].astype(str).value_counts()
-    blobs = {s: ItemStore(root, s).blobs for s in ["align", *stages]}
+    ok = sorted((r for r in base_rows if r["status"] == "ok"), key=lambda r: r["key"])
+    rejected: dict[str, int] = {}
+    for r in base_rows:
+        if r["status"] != "ok":
+            rejected[str(r["status"])] = rejected.get(str(r["status"]), 0) + 1
+    blobs = {s.name: ItemStore(root, s.name).blobs for s in (base, *stages)}
 
-    def check_blobs(stage: str, row: dict, paths: dict[str, Path]) -> str | None:
-        for col, sample_key in BLOB_COLUMNS[stage].items():
-            rel = _py(row.get(col))
-            if not isinstance(rel, str) or not rel:
-                return f"{stage}:blob_missing"
-            p = blobs[stage].path(rel)
-            if not p.is_file():
-                return f"{stage}:blob_missing"
-            if col in NPY_SHAPES and _npy_shape(p) != NPY_SHAPES[col]:
-                return f"{stage}:bad_shape"
-            paths[sample_key] = p
+    def take(stage: Stage, row: dict, members: dict) -> str | None:
+        """Add the stage's members of `row` to `members`; the exclusion reason, if any."""
+        for m in stage.members:
+            v = _py(row.get(m.column))
+            if m.kind == "text":
+                members[m.name] = (m, "" if v is None else str(v))
+                continue
+            if not isinstance(v, str) or not v:
+                return f"{stage.name}:blob_missing"
+            path = blobs[stage.name].path(v)
+            if not path.is_file():
+                return f"{stage.name}:blob_missing"
+            if m.kind == "npy" and m.shape is not None and _npy_shape(path) != tuple(m.shape):
+                return f"{stage.name}:bad_shape"
+            members[m.name] = (m, path)
         return None
 
-    rows: list[dict] = []
+    out: list[dict] = []
     excluded: dict[str, list[str]] = {}
-    for a in ok.to_dict("records"):
+    for a in ok:
         key = a["key"]
-        paths: dict[str, Path] = {}
-        models = {"detector": _model("align", a)}
-        reason = check_blobs("align", a, paths)
-        caption = ""
+        members: dict[str, tuple[Member, Any]] = {}
+        meta: dict[str, Any] = {"key": key}
+        models: dict[str, Any] = {}
+        reason = take(base, a, members)
+        per_stage = [(base, a)]
         for stage in stages:
             if reason:
                 break
-            if stage in missing:
+            if stage.name in missing:
+                for m in stage.members:
+                    if m.kind == "text" and m.missing is not None:
+                        members[m.name] = (m, m.missing)
                 continue
-            r = tables[stage].get(key)
+            r = tables[stage.name].get(key)
             if r is None:
-                reason = f"{stage}:missing"
+                reason = f"{stage.name}:missing"
                 break
             if r.get("status") != "ok":
-                reason = f"{stage}:{r.get('status')}"
+                reason = f"{stage.name}:{r.get('status')}"
                 break
-            reason = check_blobs(stage, r, paths)
-            if stage == "caption":
-                caption = _py(r.get("caption")) or ""
-            if stage in MODEL_PREFIX:
-                models[stage] = _model(stage, r)
+            reason = take(stage, r, members)
+            per_stage.append((stage, r))
         if reason:
             excluded.setdefault(reason, []).append(key)
             continue
-        meta = {
-            "key": key,
-            "identity": _identity(a.get("identity")),
-            "source": _py(a.get("source")),
-            "image_id": _py(a.get("image_id")),
-            "face_index": _py(a.get("face_index")),
-            "bbox": _json_field(a.get("bbox")),
-            "landmarks": _json_field(a.get("lm5")),
-            "quad": _json_field(a.get("quad")),
-            "score": _py(a.get("score")),
-            "models": models,
-        }
-        if "lm5_aligned" in a:
-            meta["landmarks_aligned"] = _json_field(a.get("lm5_aligned"))
-        if isinstance(meta["face_index"], float):
-            meta["face_index"] = int(meta["face_index"])
-        rows.append({"key": key, "identity": meta["identity"], "image_id": meta["image_id"],
-                     "caption": str(caption), "paths": paths, "meta": meta})
+        for stage, r in per_stage:
+            for jk, col in stage.meta:
+                meta[jk] = _meta_value(r.get(col))
+            if stage.model:
+                models[stage.name] = _model(stage, r)
+        meta["identity"] = _identity(meta.get("identity"))
+        meta["models"] = models
+        grid = {}
+        for m, v in members.values():
+            if m.role:
+                grid[m.role] = v
+        out.append({"key": key, "identity": meta["identity"], "image_id": meta.get("image_id"),
+                    "members": members, "meta": meta, "grid": grid})
     return Joined(
-        rows=rows,
-        faces_in=int(len(ok)),
+        rows=out,
+        faces_in=len(ok),
         excluded={k: excluded[k] for k in sorted(excluded)},
-        align_rejected={str(k): int(v) for k, v in sorted(rejected.items())},
+        base_rejected=dict(sorted(rejected.items())),
         missing=missing,
-        stages=stages,
+        stages=[s.name for s in stages],
         signature=h.hexdigest()[:32],
+        member_order=order,
+        base=base.name,
     )
 
 
@@ -322,22 +324,21 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def sample_members(row: dict, split: str) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of one face, in `MEMBER_ORDER`."""
-    p, key = row["paths"], row["key"]
+def sample_members(row: dict, split: str, order: Sequence[str]) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of one face, in `order` (json last)."""
     data: dict[str, bytes] = {}
-    for k in ("jpg", "face.jpg", "mask.png", "face_mask.png"):
-        if k in p:
-            data[k] = p[k].read_bytes()
-    data["txt"] = row["caption"].encode("utf-8")
-    if "wplus.npy" in p:
-        w = np.load(io.BytesIO(p["wplus.npy"].read_bytes()), allow_pickle=False)
-        data["wplus.npy"] = _npy_bytes(w.astype(np.float16).reshape(WPLUS_SHAPE))
-    if "id.npy" in p:
-        e = np.load(io.BytesIO(p["id.npy"].read_bytes()), allow_pickle=False)
-        data["id.npy"] = _npy_bytes(e.astype(np.float32).reshape(ID_SHAPE))
+    for name, (m, v) in row["members"].items():
+        if m.kind == "text":
+            data[name] = v.encode("utf-8")
+        elif m.kind == "npy":
+            a = np.load(io.BytesIO(v.read_bytes()), allow_pickle=False)
+            if m.dtype:
+                a = a.astype(m.dtype)
+            data[name] = _npy_bytes(a.reshape(m.shape) if m.shape else a)
+        else:
+            data[name] = v.read_bytes()
     data["json"] = _json_bytes({**row["meta"], "split": split})
-    return [(f"{key}.{k}", data[k]) for k in MEMBER_ORDER if k in data]
+    return [(f"{row['key']}.{k}", data[k]) for k in order if k in data]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -408,7 +409,7 @@ def index_is_current(out: str | os.PathLike, signature: str) -> bool:
     """True when `out` holds a complete run for this input signature (shards present, same sizes)."""
     out = spath(out)
     idx = _read_index(out)
-    if not idx or idx.get("signature") != signature or idx.get("version") != VERSION:
+    if not idx or idx.get("signature") != signature:
         return False
     if not (out / "samples.tsv").exists() or not (out / "grid.png").exists():
         return False
@@ -464,7 +465,8 @@ def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, forc
         for i in range(0, len(rows), cfg.samples_per_shard):
             chunk = rows[i : i + cfg.samples_per_shard]
             rel = f"{split}/{split}-{i // cfg.samples_per_shard:06d}.tar"
-            n, sha, size = write_tar(out / rel, (sample_members(r, split) for r in chunk))
+            n, sha, size = write_tar(out / rel, (sample_members(r, split, joined.member_order) for r in chunk))
+            crash_point("tar")
             shards.append({"split": split, "file": rel, "samples": n, "bytes": size, "sha256": sha,
                            "first_key": chunk[0]["key"], "last_key": chunk[-1]["key"]})
             for r in chunk:
@@ -494,10 +496,10 @@ def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, forc
             "unlabeled": sum(1 for r in keys if r["identity"] is None),
         }
     index = {
-        "version": VERSION,
         "signature": joined.signature,
-        "params": {k: v for k, v in asdict(cfg).items() if k != "out"},
-        "sample_keys": list(MEMBER_ORDER),
+        "params": {k: v for k, v in asdict(cfg).items() if k not in ("out", "required", "optional")},
+        "stages": [joined.base, *joined.stages],
+        "sample_keys": list(joined.member_order),
         "missing_optional_stages": joined.missing,
         "splits": splits,
         "shards": shards,
@@ -505,6 +507,7 @@ def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, forc
     }
     atomic_write_bytes(out / "samples.tsv", ("\n".join(tsv) + "\n").encode())
     atomic_write_bytes(out / "grid.png", sample_grid(joined.rows, split_of, cfg.grid_size, cfg.grid_tile))
+    crash_point("index")
     atomic_write_json(out / "index.json", index)
     return index, True
 
@@ -526,7 +529,7 @@ def shard_metrics(joined: Joined, index: dict) -> dict:
         "written": {**written, "total": sum(written.values())},
         "excluded": excluded,
         "excluded_total": sum(excluded.values()),
-        "align_rejected": joined.align_rejected,
+        f"{joined.base}_rejected": joined.base_rejected,
         "identities": {s: index["splits"][s]["identities"] for s in SPLITS},
         "unlabeled_faces": {s: index["splits"][s]["unlabeled"] for s in SPLITS},
         "shards": {s: index["splits"][s]["shards"] for s in SPLITS},
@@ -565,8 +568,9 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
 
 
 def sample_grid(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, tile: int = 128) -> bytes:
-    """PNG bytes: up to n aligned faces (evenly spaced by key) with the face mask tinted in the
-    split colour (green train, orange val) and identity + caption below. Deterministic."""
+    """PNG bytes: up to n faces (evenly spaced by key: the `grid` member) with the `grid_mask` member
+    tinted in the split colour (green train, orange val) and identity + the `grid_text` member below.
+    Deterministic."""
     from PIL import Image, ImageDraw, ImageFont
 
     sel = list(rows)
@@ -581,18 +585,22 @@ def sample_grid(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, til
     canvas = Image.new("RGB", (cols * tile, nrows * (tile + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, r in enumerate(sel):
-        face = Image.fromarray(decode_image(r["paths"]["face.jpg"].read_bytes())).convert("RGB")
-        face = face.resize((tile, tile), Image.Resampling.BILINEAR)
+        g = r["grid"]
+        if "grid" in g:
+            face = Image.fromarray(decode_image(g["grid"].read_bytes())).convert("RGB")
+            face = face.resize((tile, tile), Image.Resampling.BILINEAR)
+        else:
+            face = Image.new("RGB", (tile, tile), (200, 200, 200))
         arr = np.asarray(face, dtype=np.float32)
         colour = np.array(SPLIT_COLOURS[split_of[r["key"]]], dtype=np.float32)
-        if "face_mask.png" in r["paths"]:
-            m = Image.fromarray(decode_image(r["paths"]["face_mask.png"].read_bytes())).convert("L")
+        if "grid_mask" in g:
+            m = Image.fromarray(decode_image(g["grid_mask"].read_bytes())).convert("L")
             a = np.asarray(m.resize((tile, tile), Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255.0 * 0.4
             arr = arr * (1 - a) + colour * a
         x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
         canvas.paste(Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8)), (x, y))
         head = f"{r['identity'] or 'unlabeled'} [{split_of[r['key']]}]"
-        lines = [head[:40]] + _wrap(draw, r["caption"] or "(no caption)", font, tile - 4, 3)
+        lines = [head[:40]] + _wrap(draw, g.get("grid_text") or "(no text)", font, tile - 4, 3)
         for j, ln in enumerate(lines):
             draw.text((x + 2, y + tile + 1 + 12 * j), ln, fill=(0, 0, 0), font=font)
     return encode_png(np.asarray(canvas))

@@ -1,27 +1,37 @@
 """The item-stage runner every per-item stage uses (reader -> workers -> writer).
 
 A stage supplies its inputs (rows with `key` and the upstream `sig`), a picklable worker factory and
-what identifies its results (version, params hash, model fingerprint). The runner:
-1. computes each input's cache key and skips the ones whose part is already committed;
+what identifies its results (`StageSpec`: code fingerprint, params hash, model fingerprint, output
+columns). The runner:
+1. removes the temp files a killed run left, computes each input's cache key and skips the ones whose
+   latest committed result is final;
 2. maps the rest over the Ray actor pool (`runtime.map_batches`);
 3. commits results as parquet parts every `part_size` inputs (and at least every 30 s), so a kill
    loses at most the batches in flight;
-4. consolidates the current rows into `table.parquet` and writes counts (`in == sum(out)`).
+4. consolidates the current rows into `table.parquet` (the stage's explicit Arrow schema) and writes
+   the run report `<root>/runs/<stage>.json` (`in == sum(out)`).
+
+A result with a status in `runtime.TRANSIENT` (`error`: an exception; `worker_crashed`) is a failure
+of the run, not a verdict about the input: it is committed and reported, and computed again by the
+next run, until `runtime.max_attempts` commits have failed; then it is final, its error saying so with
+the attempt count. Verdicts (`decode_error`, `no_face`, ...) are final at once.
 """
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import pandas as pd
+import pyarrow as pa
 
 from .config import Params, RuntimeConfig
-from .runtime import Factory, map_batches
+from .faults import crash_point
+from .runtime import TRANSIENT, Factory, map_batches
 from .storage import RemotePath, spath
-from .store import ItemStore, atomic_write_json, hash_key, status_counts
+from .store import ItemStore, atomic_write_json, hash_key, status_counts, table_schema
 
 log = logging.getLogger("persona.stage")
 
@@ -48,12 +58,23 @@ class Context:
 
 @dataclass
 class StageSpec:
+    """What identifies a stage's results and what it writes.
+
+    `code`: `pipeline.codefp.code_fingerprint(<stage module>)`; `params_hash`: `section_hash` of the
+    params it reads; `fingerprint`: its model's (weights) fingerprint; `columns`: its output columns
+    besides key, status, error, sig (the explicit Arrow schema of its parts and table)."""
+
     name: str
-    version: str  # bump when the stage's code changes its results
+    code: str
     params_hash: str
-    fingerprint: str = "none"  # model fingerprint(s)
+    columns: Mapping[str, pa.DataType]
+    fingerprint: str = "none"
     batch_size: int = 16
     num_gpus: float = 0.0
+
+    @property
+    def schema(self) -> pa.Schema:
+        return table_schema(self.columns)
 
 
 @dataclass
@@ -64,6 +85,8 @@ class RunStats:
     cached: int
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
+    retrying: int = 0  # failures of the run this time, to be computed again by the next run
+    failed: int = 0  # failures of the run that used their last attempt (final)
 
     def as_dict(self) -> dict:
         return {
@@ -73,11 +96,33 @@ class RunStats:
             "cached": self.cached,
             "seconds": round(self.seconds, 3),
             "counts": self.counts,
+            "retrying": self.retrying,
+            "failed": self.failed,
         }
 
 
 def cache_key(spec: StageSpec, item_key: str, upstream_sig: str) -> str:
-    return hash_key(spec.name, item_key, upstream_sig, spec.version, spec.params_hash, spec.fingerprint)
+    return hash_key(spec.name, item_key, upstream_sig, spec.code, spec.params_hash, spec.fingerprint)
+
+
+def prepare(ctx: Context, stage: str) -> ItemStore:
+    """The stage's store, with what a killed run left removed (temp files; its metrics temps)."""
+    store = ctx.store(stage)
+    removed = store.clean_temps()
+    m = ctx.metrics_path(stage)
+    if isinstance(m, Path) and m.parent.is_dir():
+        for p in m.parent.glob(f".{m.name}.*.tmp"):
+            p.unlink()
+            removed.append(str(p))
+    if removed:
+        log.info("%s: removed %d temp file(s) of an interrupted run", stage, len(removed))
+    return store
+
+
+def _attempt_note(row: dict, attempt: int, max_attempts: int) -> None:
+    final = attempt >= max_attempts
+    row["error"] = (f"{row.get('error') or ''} [attempt {attempt} of {max_attempts}: "
+                    + ("final]" if final else "retried by the next run]"))
 
 
 def run_item_stage(
@@ -92,26 +137,47 @@ def run_item_stage(
 
     Each input dict needs `key` and may carry `sig` (the upstream row signature). The worker gets
     the input dicts with `cache_key` added and must return, per input, a list of output rows, each
-    with `key`, `status` and `error`. The runner adds `cache_key` and, unless the row carries its
-    own content signature, `sig` to every row.
+    with `key`, `status` and `error` and only columns of `spec.columns`. The runner adds `cache_key`
+    and, unless the row carries its own content signature, `sig` to every row.
     """
     t0 = time.perf_counter()
+    store.schema = spec.schema
+    store.clean_temps()
     for it in inputs:
         it["cache_key"] = cache_key(spec, it["key"], it.get("sig", ""))
-    done = store.done()
-    todo = [it for it in inputs if it["cache_key"] not in done]
-    log.info("%s: %d inputs, %d cached, %d to compute", spec.name, len(inputs), len(inputs) - len(todo), len(todo))
+    results = store.results(TRANSIENT)
+    max_attempts = runtime.max_attempts
+
+    def final(ck: str) -> bool:
+        bad, fails = results[ck]
+        return not bad or fails >= max_attempts
+
+    todo = [it for it in inputs if not (it["cache_key"] in results and final(it["cache_key"]))]
+    retried = sum(1 for it in todo if it["cache_key"] in results)
+    log.info("%s: %d inputs, %d cached, %d to compute%s", spec.name, len(inputs), len(inputs) - len(todo),
+             len(todo), f" ({retried} failed before: retried)" if retried else "")
 
     buffer: list[dict] = []
     pending_inputs = 0
     last_commit = time.monotonic()
     run_info: dict = {}
-    for batch, results in map_batches(
+    retrying = failed = 0
+    for batch, outs in map_batches(
         factory, todo, spec.batch_size, runtime, num_gpus=spec.num_gpus, desc=spec.name, stats=run_info
     ):
-        for item, rows in zip(batch, results):
+        crash_point("result")
+        for item, rows in zip(batch, outs):
             if not rows:
                 rows = [{"key": item["key"], "status": "error", "error": "worker returned no row"}]
+            if any(r.get("status") in TRANSIENT for r in rows):
+                attempt = results.get(item["cache_key"], (False, 0))[1] + 1
+                for r in rows:
+                    if r.get("status") in TRANSIENT:
+                        _attempt_note(r, attempt, max_attempts)
+                if attempt >= max_attempts:
+                    failed += 1
+                else:
+                    retrying += 1
             for r in rows:
                 r.setdefault("error", "")
                 r["cache_key"] = item["cache_key"]
@@ -124,6 +190,8 @@ def run_item_stage(
     store.commit(buffer)
 
     table = store.consolidate(it["cache_key"] for it in inputs)
+    if store.tmp_dir is not None and store.tmp_dir.exists():
+        store.clean_temps()
     stats = RunStats(
         stage=spec.name,
         inputs=len(inputs),
@@ -131,8 +199,13 @@ def run_item_stage(
         cached=len(inputs) - len(todo),
         seconds=time.perf_counter() - t0,
         counts=status_counts(table),
+        retrying=retrying,
+        failed=failed,
     )
-    store.write_last_run({**stats.as_dict(), "nodes": run_info.get("nodes", {})})
+    store.write_report({**stats.as_dict(), "nodes": run_info.get("nodes", {})})
+    if retrying:
+        log.warning("%s: %d item(s) failed for reasons of the run (not of the input); they are recorded "
+                    "and will be computed again by the next run", spec.name, retrying)
     log.info("%s: done in %.1fs: %s", spec.name, stats.seconds, stats.counts)
     return table, stats
 
@@ -142,17 +215,18 @@ def write_metrics(path, metrics: dict) -> None:
     atomic_write_json(path, metrics)
 
 
-def face_inputs(ctx: Context, also: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> list[dict]:
-    """Inputs of a per-face stage: the `ok` align rows, joined with the `ok` rows of `also` stages.
+def join_inputs(ctx: Context, base: str, also: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> list[dict]:
+    """Inputs of a per-row stage: the `ok` rows of stage `base`, joined by key with the `ok` rows of
+    the `also` stages.
 
     Each input carries `key`, a `sig` combining the upstream signatures, and the requested columns
-    (`<stage>.<column>` names are taken from that stage's table, bare names from align).
+    (`<stage>.<column>` names are taken from that stage's table, bare names from `base`).
     """
     from .store import read_table
 
-    base = read_table(ctx.root, "align", ok_only=True)
+    df = read_table(ctx.root, base, ok_only=True)
     keep = ["key", "sig"] + [c for c in columns if "." not in c]
-    df = base[[c for c in keep if c in base.columns]].copy()
+    df = df[[c for c in keep if c in df.columns]].copy()
     for stage in also:
         other = read_table(ctx.root, stage, ok_only=True)
         cols = [c.split(".", 1)[1] for c in columns if c.startswith(stage + ".")]
@@ -173,6 +247,16 @@ def face_metrics(stage: str, inputs: list[dict], table: pd.DataFrame, info=None,
     if sum(counts.values()) != len(inputs):
         raise AssertionError(f"{stage}: {len(inputs)} faces in but {sum(counts.values())} rows out")
     return m
+
+
+def model_columns(prefix: str) -> dict[str, pa.DataType]:
+    """The model-identity columns `<prefix>_model`, `_fingerprint`, `_weights_real` (see Stage.model)."""
+    return {f"{prefix}_model": pa.string(), f"{prefix}_fingerprint": pa.string(), f"{prefix}_weights_real": pa.bool_()}
+
+
+def array_columns(prefix: str) -> dict[str, pa.DataType]:
+    """The columns `array_rows` writes: `<prefix>_blob` plus the model identity."""
+    return {f"{prefix}_blob": pa.string(), **model_columns(prefix)}
 
 
 def array_rows(batch: list[dict], arrays, blobs, prefix: str, info) -> list[list[dict]]:

@@ -255,9 +255,13 @@ def spath(p: "str | os.PathLike | RemotePath") -> "Path | RemotePath":
     return Path(s)
 
 
-def list_files(root: "Path | RemotePath", recursive: bool = True) -> list[tuple[str, "Path | RemotePath", int, str]]:
+def list_files(root: "Path | RemotePath", recursive: bool = True,
+               special: bool = False) -> list[tuple[str, "Path | RemotePath", int, str]]:
     """Files under `root` as sorted (relpath, path, size, version) tuples; version changes when the
-    file is rewritten (local: mtime in ns; object stores: the ETag)."""
+    file is rewritten (local: mtime in ns; object stores: the ETag). With `special`, entries that are
+    neither regular files nor folders (FIFOs, sockets, devices, broken links) are listed too, with
+    size -1 and version `special:<kind>` (they are never opened). Local names that are not valid
+    UTF-8 come as Python does (surrogate escapes)."""
     out = []
     if isinstance(root, RemotePath):
         fs = root.fs
@@ -277,12 +281,34 @@ def list_files(root: "Path | RemotePath", recursive: bool = True) -> list[tuple[
             try:
                 st = f.stat()
             except OSError:
+                if special and f.is_symlink():
+                    out.append((f.relative_to(root).as_posix(), f, -1, "special:broken_link"))
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
                 continue
             if not stat_mod.S_ISREG(st.st_mode):
+                if special:
+                    kind = ("fifo" if stat_mod.S_ISFIFO(st.st_mode) else "socket" if stat_mod.S_ISSOCK(st.st_mode)
+                            else "device")
+                    out.append((f.relative_to(root).as_posix(), f, -1, f"special:{kind}"))
                 continue
             out.append((f.relative_to(root).as_posix(), f, st.st_size, str(st.st_mtime_ns)))
     out.sort(key=lambda t: t[0])
     return out
+
+
+def display_name(s: str) -> str:
+    """A name as valid UTF-8 text: bytes that are not UTF-8 (surrogate escapes) become U+FFFD."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def raw_name(s: str) -> bytes | None:
+    """The exact bytes of a local name that is not valid UTF-8 (None when it is)."""
+    try:
+        s.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return os.fsencode(s)
 
 
 def cache_root() -> Path:

@@ -11,17 +11,28 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import numpy as np
+import pyarrow as pa
 
+from pipeline.codefp import code_fingerprint
 from pipeline.config import AlignConfig, IngestConfig, section_hash
 from pipeline.images import encode_jpeg, encode_npy, load_rgb
 from pipeline.models import align as geom
-from pipeline.stage import Context, StageSpec, run_item_stage, write_metrics
+from pipeline.plugins import Member, Stage
+from pipeline.stage import Context, StageSpec, model_columns, prepare, run_item_stage, write_metrics
 from pipeline.store import BlobStore, read_table, status_counts
 
-VERSION = "1"
 log = logging.getLogger("persona.align")
+
+COLUMNS = {
+    "image_id": pa.string(), "identity": pa.string(), "identity_label": pa.string(), "source": pa.string(),
+    "path": pa.string(), **model_columns("detector"), "face_index": pa.int64(), "bbox": pa.string(),
+    "score": pa.float64(), "lm5": pa.string(), "quad": pa.string(), "quad_side": pa.float64(),
+    "outside": pa.float64(), "face_blob": pa.string(), "wild_blob": pa.string(), "mesh_blob": pa.string(),
+    "align_matrix": pa.string(), "wild_matrix": pa.string(), "lm5_aligned": pa.string(),
+}
 
 
 def _r(a, nd: int = 3):
@@ -42,9 +53,10 @@ def align_image(item: dict, rgb: np.ndarray, faces: list, cfg: AlignConfig, blob
     base = {
         "image_id": item["image_id"],
         "identity": item["identity"],
+        "identity_label": item["identity_label"],
         "source": item["source"],
         "path": item["path"],
-        "detector": det_info.name,
+        "detector_model": det_info.name,
         "detector_fingerprint": det_info.fingerprint,
         "detector_weights_real": det_info.weights_real,
     }
@@ -99,7 +111,8 @@ class _AlignWorker:
     def __call__(self, batch: list[dict]) -> list[list[dict]]:
         out = []
         for it in batch:
-            rgb, _ = load_rgb(it["path"], self.ingest_cfg.max_pixels, self.ingest_cfg.max_bytes)
+            path = os.fsdecode(it["path_raw"]) if it.get("path_raw") else it["path"]  # exact bytes of the name
+            rgb, _ = load_rgb(path, self.ingest_cfg.max_pixels, self.ingest_cfg.max_bytes)
             out.append(align_image(it, rgb, self.det.detect(rgb), self.cfg, self.blobs, self.det.info))
         return out
 
@@ -117,14 +130,15 @@ def detector_info(cfg: AlignConfig):
 
 def run(ctx: Context) -> dict:
     cfg = ctx.params.align
-    store = ctx.store("align")
+    store = prepare(ctx, "align")
     src = read_table(ctx.root, "dedup", ok_only=True)
     inputs = [
-        {"key": r.image_id, "sig": r.sig, "image_id": r.image_id, "identity": r.identity, "source": r.source, "path": r.path}
-        for r in src.itertuples()
+        {"key": r["image_id"], "sig": r["sig"], **{c: r[c] for c in ("image_id", "identity", "identity_label", "source", "path", "path_raw")}}
+        for r in src.to_dict("records")
     ]
     info = detector_info(cfg)
-    spec = StageSpec("align", VERSION, section_hash(cfg), fingerprint=info.fingerprint, batch_size=cfg.batch_size)
+    spec = StageSpec("align", code_fingerprint(__name__), section_hash(cfg), COLUMNS, fingerprint=info.fingerprint,
+                     batch_size=cfg.batch_size)
     factory = functools.partial(_AlignWorker, cfg, ctx.params.ingest, str(store.dir))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
     faces_rows = table[table["face_index"] >= 0]
@@ -142,3 +156,12 @@ def run(ctx: Context) -> dict:
     assert metrics["images_in"] == metrics["images_with_faces"] + images_no_face + images_failed, "images in != out"
     write_metrics(ctx.metrics_path("align"), metrics)
     return stats.as_dict()
+
+
+STAGE = Stage(
+    name="align", run=run, after=("dedup",), section="align", shard="base", model="detector",
+    members=(Member("jpg", "wild_blob"), Member("face.jpg", "face_blob", role="grid")),
+    meta=(("identity", "identity"), ("identity_label", "identity_label"), ("source", "source"),
+          ("image_id", "image_id"), ("face_index", "face_index"), ("bbox", "bbox"), ("landmarks", "lm5"),
+          ("landmarks_aligned", "lm5_aligned"), ("quad", "quad"), ("score", "score")),
+)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import functools
 
+import pyarrow as pa
+
+from pipeline.codefp import code_fingerprint
 from pipeline.config import CaptionConfig, section_hash
 from pipeline.images import decode_image
 from pipeline.models.base import announce
-from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.plugins import Member, Stage
+from pipeline.stage import Context, StageSpec, face_metrics, join_inputs, model_columns, prepare, run_item_stage, write_metrics
 from pipeline.store import ItemStore
 
-VERSION = "1"
+COLUMNS = {"caption": pa.string(), "caption_backend": pa.string(), **model_columns("caption")}
 
 
 class _CaptionWorker:
@@ -48,12 +52,19 @@ def model_info(cfg: CaptionConfig):
 
 def run(ctx: Context) -> dict:
     cfg = ctx.params.caption
-    store = ctx.store("caption")
-    inputs = face_inputs(ctx, columns=("wild_blob",))
+    store = prepare(ctx, "caption")
+    inputs = join_inputs(ctx, "align", columns=("wild_blob",))
     info = model_info(cfg)
     announce(info)
-    spec = StageSpec("caption", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    spec = StageSpec("caption", code_fingerprint(__name__), section_hash(cfg), COLUMNS, info.fingerprint,
+                     cfg.batch_size, cfg.num_gpus)
     factory = functools.partial(_CaptionWorker, cfg, str(ctx.root))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
     write_metrics(ctx.metrics_path("caption"), face_metrics("caption", inputs, table, info))
     return stats.as_dict()
+
+
+STAGE = Stage(
+    name="caption", run=run, after=("align",), section="caption", shard="optional", model="caption",
+    members=(Member("txt", "caption", kind="text", missing="", role="grid_text"),),
+)

@@ -14,16 +14,24 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from pipeline.codefp import code_fingerprint
 from pipeline.config import section_hash
 from pipeline.hashing import clusters_from_pairs, near_duplicate_pairs
-from pipeline.stage import Context, write_metrics
-from pipeline.store import atomic_write_json, hash_key, read_table, status_counts, write_parquet_atomic
+from pipeline.plugins import Stage
+from pipeline.stage import Context, prepare, write_metrics
+from pipeline.store import atomic_write_json, hash_key, read_table, status_counts, table_schema, write_table
 
-VERSION = "1"
 log = logging.getLogger("persona.dedup")
 
-CARRY = ["source", "path", "relpath", "identity", "image_id", "width", "height", "phash"]
+CARRY = ["source", "path", "path_raw", "relpath", "identity", "identity_label", "image_id", "width", "height", "phash"]
+COLUMNS = {
+    "source": pa.string(), "path": pa.string(), "path_raw": pa.binary(), "relpath": pa.string(),
+    "identity": pa.string(), "identity_label": pa.string(), "image_id": pa.string(), "width": pa.int64(),
+    "height": pa.int64(), "phash": pa.string(), "dup_kind": pa.string(), "cluster": pa.string(),
+    "distance": pa.int64(),
+}
 
 
 def _best_first(df: pd.DataFrame) -> pd.DataFrame:
@@ -113,15 +121,16 @@ def deduplicate(df: pd.DataFrame, threshold: int, across_identities: bool = True
 def run(ctx: Context) -> dict:
     t0 = time.perf_counter()
     cfg = ctx.params.dedup
-    store = ctx.store("dedup")
+    store = prepare(ctx, "dedup")
     src = read_table(ctx.root, "ingest", ok_only=True)
     previous = set()
     if store.table_path.exists():
         previous = set(store.table()["key"])
     rows, clusters = deduplicate(src[["key", "sig"] + CARRY], cfg.hamming_threshold, cfg.across_identities)
     phash = section_hash(cfg)
-    rows["sig"] = [hash_key("dedup", s, st, VERSION, phash) for s, st in zip(rows["sig"], rows["status"])]
-    write_parquet_atomic(rows, store.table_path)
+    code = code_fingerprint(__name__)
+    rows["sig"] = [hash_key("dedup", s, st, code, phash) for s, st in zip(rows["sig"], rows["status"])]
+    write_table(rows, store.table_path, table_schema(COLUMNS), store.tmp_dir)
     atomic_write_json(store.dir / "clusters.json", clusters)
     counts = status_counts(rows)
     stats = {
@@ -132,7 +141,7 @@ def run(ctx: Context) -> dict:
         "seconds": round(time.perf_counter() - t0, 3),
         "counts": counts,
     }
-    store.write_last_run(stats)
+    store.write_report(stats)
     metrics = {
         "images_in": int(len(src)),
         "ok": counts.get("ok", 0),
@@ -144,4 +153,8 @@ def run(ctx: Context) -> dict:
     assert metrics["ok"] + metrics["exact_duplicates"] + metrics["near_duplicates"] == len(src)
     write_metrics(ctx.metrics_path("dedup"), metrics)
     log.info("dedup: %s", metrics)
+    store.clean_temps()
     return stats
+
+
+STAGE = Stage(name="dedup", run=run, after=("ingest",), section="dedup")

@@ -11,13 +11,16 @@ import json
 
 import numpy as np
 
+from pipeline.codefp import code_fingerprint
 from pipeline.config import IdentityConfig, section_hash
 from pipeline.images import decode_image
 from pipeline.models import align as geom
-from pipeline.stage import Context, StageSpec, array_rows, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.plugins import Member, Stage
+from pipeline.stage import (Context, StageSpec, array_columns, array_rows, face_metrics, join_inputs, prepare,
+                            run_item_stage, write_metrics)
 from pipeline.store import BlobStore, ItemStore
 
-VERSION = "1"
+ID_SHAPE = (512,)
 
 
 class _IdentityWorker:
@@ -41,11 +44,18 @@ def run(ctx: Context) -> dict:
     from pipeline.models import identity
 
     cfg = ctx.params.identity
-    store = ctx.store("identity")
-    inputs = face_inputs(ctx, columns=("face_blob", "lm5_aligned"))
+    store = prepare(ctx, "identity")
+    inputs = join_inputs(ctx, "align", columns=("face_blob", "lm5_aligned"))
     info = identity.model_info(cfg)
-    spec = StageSpec("identity", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    spec = StageSpec("identity", code_fingerprint(__name__), section_hash(cfg), array_columns("id"), info.fingerprint,
+                     cfg.batch_size, cfg.num_gpus)
     factory = functools.partial(_IdentityWorker, cfg, str(ctx.root), str(store.dir))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
     write_metrics(ctx.metrics_path("identity"), face_metrics("identity", inputs, table, info))
     return stats.as_dict()
+
+
+STAGE = Stage(
+    name="identity", run=run, after=("align",), section="identity", shard="required", model="id",
+    members=(Member("id.npy", "id_blob", kind="npy", shape=ID_SHAPE, dtype="float32"),),
+)

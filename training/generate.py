@@ -8,7 +8,7 @@
     the training dropout used); lambda (`scale`) weights the identity branch, 0 for the first
     `delay_steps` DDIM steps (delayed identity start).
 
-The alignment is the data pipeline's own code (`pipeline.models.faces/align`, `stages.masks` hull
+The alignment is the data pipeline's own code (`pipeline.models.faces/align/masks` hull
 mask) with the `align`, `masks` and `wplus` sections of params.yaml, so a reference photo gets the
 same W+ code the `wplus` stage would give it.
 
@@ -431,7 +431,7 @@ def align_reference(rgb: np.ndarray, face: Any, params: Params) -> tuple[np.ndar
     """One detected face -> (aligned face (S, S, 3) uint8, face mask (S, S) uint8, info), exactly as
     the align + masks stages make them (FFHQ crop; hull of the mesh, or the quad ellipse)."""
     from pipeline.models import align as geom
-    from stages.masks import hull_mask, quad_ellipse_points
+    from pipeline.models.masks import hull_mask, quad_ellipse_points
 
     a = params.align
     lm5 = np.asarray(face.lm5, dtype=np.float64)

@@ -207,12 +207,24 @@ class E4ECheckpoint:
 
 
 def _torch_load(path: Path) -> Any:
+    """Load a checkpoint without unpickling arbitrary objects (`weights_only=True`): tensors, plain
+    containers and `argparse.Namespace` (the `opts` of some e4e forks, a plain attribute bag). Anything
+    else is refused: unpickling it could run code the file carries."""
+    import argparse
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # older pickles (e.g. opts holding non-primitive objects)
-        log.warning("e4e checkpoint %s is not loadable with weights_only=True (%s); loading it as a "
-                    "full pickle: only use checkpoints you trust", path, type(e).__name__)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WPlusError(
+            f"{path}: refusing to load this checkpoint: it holds pickled objects beyond tensors and plain "
+            f"containers ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), and unpickling "
+            "them could run code. If you trust the file, convert it once into a weights-only checkpoint: in "
+            "a Python session, load it with torch.load's `weights_only` switched off and save "
+            "{'state_dict': ck['state_dict'], 'latent_avg': ck.get('latent_avg'), 'opts': dict(vars(ck['opts']) "
+            "if not isinstance(ck['opts'], dict) else ck['opts'])} with torch.save; point wplus.checkpoint at "
+            "the new file"
+        ) from None
 
 
 def read_checkpoint(path: str | Path) -> E4ECheckpoint:
