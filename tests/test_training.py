@@ -471,3 +471,55 @@ def test_ranks_read_disjoint_shards(tmp_path, caplog):
     assert not any(h.rank_source for h in halves)
     k0, k1 = (h.batch(0)["key"] for h in halves)
     assert len(k0) == len(k1) == B and not set(k0) & set(k1)
+
+
+# ------------------------------------------------------------------------------------- regression
+# Recorded on main 77e22b3 (before training became method compositions), CPU, 1 thread: per-step
+# losses and the adapter TENSOR bytes of tiny Stage I (4 steps) and Stage II (3 steps, EMA 0.5) runs on
+# real shards. (The safetensors file bytes themselves vary between identical runs: its metadata map is
+# written in hash order; so the digest covers each tensor's shape, dtype and bytes, not the header.)
+WPLUS_FIGURES = {
+    1: {"tensors": "a535b9d26835b23690c0f92a193ea8856980bbc6c310ce129b67c815ae1c505f",
+        "losses": [{"loss": 1.1040441989898682}, {"loss": 1.0340046882629395}, {"loss": 1.0757827758789062},
+                   {"loss": 1.1447844505310059}]},
+    2: {"tensors": "0da16beb9a2cef38f638a7dfe30dad442ac02e460c016bb5790ae7660a1e6f1b",
+        "losses": [{"loss": 1.077720284461975, "loss_dis": 0.0023625222966074944, "loss_rec": 1.0682326555252075,
+                    "loss_reg": 0.005943851079791784},
+                   {"loss": 1.0294773578643799, "loss_dis": 0.0014715685974806547, "loss_rec": 1.0251375436782837,
+                    "loss_reg": 0.002132388763129711},
+                   {"loss": 1.0698271989822388, "loss_dis": 0.0002226289507234469, "loss_rec": 1.0680173635482788,
+                    "loss_reg": 0.0014759352197870612}]},
+}
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over the sorted per-tensor sha256(shape, dtype, bytes) of a safetensors file (names aside)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        parts = sorted(hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode() + t.contiguous().numpy().tobytes()).hexdigest()
+                       for t in (f.get_tensor(k) for k in f.keys()))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def test_wplus_losses_and_adapter_tensors_match_the_recorded_figures(tmp_path, shards_dir):
+    from lightning.pytorch.callbacks import Callback
+
+    class Losses(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            self.rows.append({k: float(m[k]) for k in sorted(m) if k.startswith("loss")})
+
+    drop = {"image": 0.2, "text": 0.2, "both": 0.1}
+    p = make_params(tmp_path, train={"synthetic": 0, "shards": str(shards_dir)},
+                    train_stage1={"dropout": drop}, train_stage2={"dropout": drop, "ema": 0.5})
+    for stage in (1, 2):
+        rec = Losses()
+        r = train(p, stage, callbacks=[rec])
+        assert rec.rows == WPLUS_FIGURES[stage]["losses"], stage
+        assert tensor_digest(Path(r["adapter"])) == WPLUS_FIGURES[stage]["tensors"], stage
