@@ -292,7 +292,9 @@ class DiffusionComponents:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.devices import resolve_device
+
+    return resolve_device("auto")
 
 
 def _schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
