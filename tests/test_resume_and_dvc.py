@@ -162,7 +162,7 @@ def _check_sample_shards(shards: Path) -> None:
     """The real sample in real shards: ArcFace separates Obama from Biden; the reader streams them."""
     import torch
 
-    from pipeline.shards import make_dataset
+    from pipeline.shard_reader import make_dataset
 
     samples = []
     for split in ("train", "val"):

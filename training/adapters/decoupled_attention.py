@@ -6,7 +6,7 @@ results are added:
 
 x: (B, N, C) hidden states, c: (B, 77, D) text tokens, F: (B, T, D) identity tokens; W_k', W_v'
 (D -> C) start as copies of the layer's to_k / to_v. Trainable: W_k', W_v' per layer (on SD 1.5:
-2 x 16 layers, 11.8 M). scale 0 is exactly the base UNet (`training.adapters.attention`).
+2 x 16 layers, 19,169,280 parameters). scale 0 is exactly the base UNet (`training.adapters.attention`).
 """
 from __future__ import annotations
 
