@@ -1,7 +1,7 @@
 """An identity adapter = a method's conditioner + its injection (+ any base weights a phase trained),
 saved as one self-describing safetensors file.
 
-    adapter = load_adapter("models/wplus/stage2/adapter.safetensors")   # the file alone: any method
+    adapter = load_adapter("models/<method>/<phase>/adapter.safetensors")   # the file alone: any method
     adapter.install(pipe)                  # a StableDiffusionPipeline or DiffusionComponents
     adapter.condition([inputs])            # conditioner inputs per image -> tokens (+ null tokens for CFG)
     adapter.scale = 0.8                    # identity strength; 0 = exactly the base model

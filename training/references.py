@@ -1,7 +1,7 @@
 """Reference photos -> shard-like samples, so a method turns photos into conditioner inputs with the
 same code it uses on shard samples (`Method.inputs`).
 
-    kit = ReferenceKit(params)                        # params: align / masks / wplus / identity sections
+    kit = ReferenceKit(params)                        # params: the data stages' sections (align, masks, ...)
     samples = kit.samples(["me.jpg"], needs=("id.npy",))
     # [{"__key__", "face.jpg": aligned face, "face_mask.png", "json": {...}, "id.npy": (512,)}]
 
