@@ -499,8 +499,9 @@ def test_ranks_read_disjoint_shards(tmp_path, caplog):
 # ------------------------------------------------------------------------------------- regression
 # Recorded on main 77e22b3 (before training became method compositions), CPU, 1 thread: per-step
 # losses and the adapter TENSOR bytes of tiny Stage I (4 steps) and Stage II (3 steps, EMA 0.5) runs on
-# real shards. (The safetensors file bytes themselves vary between identical runs: its metadata map is
-# written in hash order; so the digest covers each tensor's shape, dtype and bytes, not the header.)
+# real shards. (The file bytes of that code varied between identical runs, its several safetensors metadata
+# entries being written in hash order, and the metadata changed with the seam; so the digest covers each
+# tensor's shape, dtype and bytes, not the header.)
 WPLUS_FIGURES = {
     1: {"tensors": "a535b9d26835b23690c0f92a193ea8856980bbc6c310ce129b67c815ae1c505f",
         "losses": [{"loss": 1.1040441989898682}, {"loss": 1.0340046882629395}, {"loss": 1.0757827758789062},

@@ -8,10 +8,13 @@ saved as one self-describing safetensors file.
     load_persona_adapter(pipe, path)       # the two first lines
 
 File: tensors `conditioner.*`, `injection.*` and `base.<part>.*` (a base part a phase trained, e.g.
-the UNet when `train_unet`), metadata `format` (FORMAT), `method`, `phase`, `conditioner` /
-`injection` (JSON constructor arguments), `base_model` (JSON {"preset", "path"}), `trained_base`
-(JSON list of parts), plus what the trainer adds (`global_step`, ...). Written atomically (temp
-file, fsync, rename). The classes come from the method registry (`training.methods`).
+the UNet when `train_unet`); metadata (`read_adapter_file`): `format` (FORMAT), `method`, `phase`,
+`conditioner` / `injection` (JSON constructor arguments), `base_model` (JSON {"preset", "path"}),
+`trained_base` (JSON list of parts), plus what the trainer adds (`global_step`, ...). The metadata is
+stored as ONE safetensors metadata entry, `persona` (a sorted JSON object of those strings):
+safetensors writes its metadata map in hash order, so with several entries the same adapter would
+give different file bytes on every save. The same weights give the same bytes (and sha256). Written
+atomically (temp file, fsync, rename). The classes come from the method registry (`training.methods`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pipeline.store import atomic_write_bytes
 from training.adapters.base import Injection, zero_inputs
 
 FORMAT = "persona-adapter/1"
+META_KEY = "persona"  # the one safetensors metadata entry (see module doc)
 BASE_PREFIX = "base."
 # base parts a phase may train, and what of their state is theirs (processors belong to the injection)
 BASE_PARTS = ("unet", "text_encoder")
@@ -164,15 +168,19 @@ def save_adapter(adapter: PersonaAdapter, path: str | os.PathLike, metadata: Opt
     path = Path(path)
     meta = adapter.metadata()
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, safetensors_bytes(adapter.tensors(), metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(adapter.tensors(), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return path
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors on CPU, metadata) of a saved adapter."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
+        raw = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        meta = json.loads(raw[META_KEY]) if META_KEY in raw else raw
+    except json.JSONDecodeError:
+        meta = raw
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (format={meta.get('format')!r})")
     return tensors, meta

@@ -64,8 +64,8 @@ class RegistryConfig:
     gate_metrics: list[str] = field(default_factory=lambda: ["identity_similarity"])  # higher is better
     min_improvement: float = 0.0  # at least one gate metric must improve by more than this
     require_same_eval_set: bool = True  # candidate and champion must carry the same eval_set tag
-    metrics: str = "metrics/evaluate.json"  # evaluation results `register` reads by default
-    out: str = "metrics/register.json"  # what `register` writes (DVC out)
+    metrics: str = "metrics/evaluate_{method}.json"  # evaluation results `register` reads by default
+    out: str = "metrics/register_{method}.json"  # what `register` writes (DVC out); {method}: the adapter's
 
 
 def registry_config(params: Params | Mapping[str, Any] | None = None) -> RegistryConfig:

@@ -118,10 +118,12 @@ def _cmd_register(args) -> int:
     from pathlib import Path
 
     reg = _registry(args)
-    metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics)
+    meta = Path(args.adapter) / "adapter.json"
+    method = str(json.loads(meta.read_text()).get("method")) if meta.is_file() else "unknown"
+    metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics).replace("{method}", method)
     out = reg.register(args.adapter, evaluation=metrics, name=args.name, alias=args.alias,
                        allow_mismatch=args.allow_mismatch, new_version=args.new_version)
-    dst = Path(args.out or reg.cfg.out)
+    dst = Path((args.out or reg.cfg.out).replace("{method}", method))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
     print(f"[registry] {out['name']} version {out['version']} -> @{out['alias']} ({out['uri']}, run {out['run_id']})"
@@ -256,7 +258,7 @@ def register(sub) -> None:
     rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     s = rs.add_parser("register", help="register an adapter folder (+ eval results) as @candidate")
     s.add_argument("--adapter", required=True, help="adapter folder (adapter.safetensors + adapter.json)")
-    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics)")
+    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics, {method} filled in)")
     s.add_argument("--no-metrics", action="store_true", help="register without evaluation results")
     s.add_argument("--allow-mismatch", action="store_true", help="accept results made for another adapter file")
     s.add_argument("--new-version", action="store_true", help="always create a new version")
