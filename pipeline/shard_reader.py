@@ -4,7 +4,8 @@ and streaming consumers all decode members here.
 Members (see `pipeline.shards` for the format) are decoded by `decode_member`: images -> uint8
 numpy arrays (RGB HxWx3, grayscale HxW), `.npy` -> arrays (`wplus.npy` float16 (18, 512), `id.npy`
 float32 (512,), validated), `json` -> dict, `txt` -> str. A reader asks only for the members it needs
-(`keys`); the others are never decoded.
+(`keys`); the others are never decoded. A training reader may also ask for JPEGs decoded at about
+its resolution (`sizes`: DCT-scaled decoding, several times cheaper than a full decode + resize).
 
 Two ways to read:
 
@@ -53,13 +54,17 @@ NPY_SHAPES = {"wplus.npy": WPLUS_SHAPE, "id.npy": ID_SHAPE}
 # decoding (the one decode path)
 
 
-def decode_member(ext: str, data: bytes, key: str = "?") -> Any:
+def decode_member(ext: str, data: bytes, key: str = "?", min_side: Optional[int] = None) -> Any:
     """One member's bytes -> value: image -> uint8 array (RGB HxWx3 or grayscale HxW), npy -> array
-    (shape-checked for the known members), json -> dict, txt -> str; anything else stays bytes."""
+    (shape-checked for the known members), json -> dict, txt -> str; anything else stays bytes.
+    `min_side`: a JPEG may be decoded reduced (libjpeg DCT scaling by 1/2, 1/4 or 1/8, PIL `draft`)
+    as long as both sides stay >= min_side: much cheaper, but not the full-size decode's pixels."""
     if ext.endswith(("jpg", "jpeg", "png")):
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
+            if min_side and im.format == "JPEG":
+                im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", (int(min_side), int(min_side)))
             if im.mode not in ("RGB", "L"):
                 im = im.convert("RGB")
             return np.array(im)
@@ -190,8 +195,9 @@ class ShardIndex:
     def key(self, i: int) -> str:
         return self.entries[i].key
 
-    def get(self, i: int, keys: Sequence[str]) -> dict:
-        """{"__key__": key, ext: decoded value} for the members of sample i named in `keys` (absent ones omitted)."""
+    def get(self, i: int, keys: Sequence[str], sizes: Optional[dict[str, int]] = None) -> dict:
+        """{"__key__": key, ext: decoded value} for the members of sample i named in `keys` (absent
+        ones omitted); `sizes`: member -> min_side for a reduced JPEG decode (`decode_member`)."""
         e = self.entries[i]
         want = [k for k in dict.fromkeys(keys) if k in e.members]
         out: dict[str, Any] = {"__key__": e.key}
@@ -204,7 +210,7 @@ class ShardIndex:
             buf = f.read(hi - lo)
         for k in want:
             off, size = e.members[k]
-            out[k] = decode_member(k, buf[off - lo: off - lo + size], e.key)
+            out[k] = decode_member(k, buf[off - lo: off - lo + size], e.key, (sizes or {}).get(k))
         return out
 
     def identity(self, i: int) -> Optional[str]:
@@ -231,7 +237,7 @@ class MemorySource:
     def key(self, i: int) -> str:
         return self.samples[i]["__key__"]
 
-    def get(self, i: int, keys: Sequence[str]) -> dict:
+    def get(self, i: int, keys: Sequence[str], sizes: Optional[dict[str, int]] = None) -> dict:
         s = self.samples[i]
         return {"__key__": s["__key__"], **{k: s[k] for k in keys if k in s}}
 

@@ -153,6 +153,15 @@ def test_batches_depend_only_on_seed_and_step(shards_dir):
     # prompts: stage I neutral templates, stage II the caption
     assert set(a1.batch(0)["prompt"]) <= set(NEUTRAL_PROMPTS)
     assert all(p.startswith("a photo of synthetic_") for p in ref["prompt"])
+    # train.jpeg_draft: JPEGs decoded at about the training size (128 px stored -> 64 px decoded), same batch layout
+    assert src.get(0, ("face.jpg",), {"face.jpg": 64})["face.jpg"].shape == (64, 64, 3)
+    assert src.get(0, ("face.jpg",))["face.jpg"].shape == (128, 128, 3)
+    m = methods.get("wplus")
+    draft = StepBatches(src, Examples(m, m.phase("stage1"), train_params({}).phase("wplus", "stage1"), 64, draft=True),
+                        PlainSampler(), 2, seed=7).batch(0)
+    exact = a1.batch(0)
+    assert draft["key"] == exact["key"] and draft["image"].shape == exact["image"].shape
+    assert not torch.equal(draft["image"], exact["image"])
 
 
 def test_rank_batches_split_the_global_batch_sample_for_sample():

@@ -1,7 +1,8 @@
 """Training data for any method: shard samples -> per-step batches (LightningDataModule).
 
 A phase says which shard members it reads (`Phase.members` + the method's `needs`; only those are
-decoded, by `pipeline.shard_reader`), how a sample becomes an example (`Phase.example`; the
+decoded, by `pipeline.shard_reader`; with `train.jpeg_draft` JPEGs at about the training resolution,
+`Phase.decode_sizes`), how a sample becomes an example (`Phase.example`; the
 conditioner inputs come from `Method.inputs([sample])`), how examples become a batch
 (`Phase.collate`) and which samples make a batch (`Phase.sampler`: `PlainSampler` or
 `IdentityGroupedSampler`).
@@ -150,9 +151,10 @@ class IdentityGroupedSampler:
 class Examples:
     """Sample -> example for one method phase (picklable for DataLoader workers)."""
 
-    def __init__(self, method: Method, phase: Phase, cfg: PhaseConfig, resolution: int):
+    def __init__(self, method: Method, phase: Phase, cfg: PhaseConfig, resolution: int, draft: bool = False):
         self.method, self.phase, self.cfg, self.res = method, phase, cfg, resolution
         self.keys = tuple(dict.fromkeys(phase.members + method.needs))
+        self.sizes = phase.decode_sizes(cfg, resolution) if draft else {}  # JPEG member -> min decoded side
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         ex = self.phase.example(sample, resolution=self.res, cfg=self.cfg, rng=rng)
@@ -186,7 +188,7 @@ class StepBatches(IterableDataset):
         items, keys, positions, groups = [], [], [], []
         for i, (idx, group) in enumerate(slots):
             g = self.position(b, i)
-            s = self.source.get(idx, self.examples.keys)
+            s = self.source.get(idx, self.examples.keys, self.examples.sizes)
             items.append(self.examples(s, np.random.default_rng(seed_of("sample", self.seed, g))))
             keys.append(s["__key__"])
             positions.append(g)
@@ -215,7 +217,7 @@ class PersonaDataModule(L.LightningDataModule):
     def __init__(self, method: Method, phase: Phase, train: TrainConfig, cfg: PhaseConfig):
         super().__init__()
         self.method, self.phase, self.cfg, self.pcfg = method, phase, train, cfg
-        self.examples = Examples(method, phase, cfg, train.resolution)
+        self.examples = Examples(method, phase, cfg, train.resolution, draft=train.jpeg_draft)
         self.train_source = None
         self.val_source = None
         self.signature = ""

@@ -99,6 +99,11 @@ class Phase:
 
         return PlainSampler()
 
+    def decode_sizes(self, cfg: PhaseConfig, resolution: int) -> dict[str, int]:
+        """{JPEG member: min side} it may be decoded at when `train.jpeg_draft` is on (a reduced,
+        cheaper decode; the examples then resize from it). Default: none, full-size decodes."""
+        return {}
+
     def example(self, sample: dict, *, resolution: int, cfg: PhaseConfig, rng: np.random.Generator) -> dict:
         """One decoded shard sample -> one training example: {"image": (3, R, R) float32 in [-1, 1],
         "prompt": str, ...any other tensors (e.g. "mask")}. `rng` is seeded by the sample's global

@@ -112,6 +112,9 @@ class Stage1(Phase):
     trains = ("conditioner", "injection")
     members = ("face.jpg",)
 
+    def decode_sizes(self, cfg: PhaseConfig, resolution: int) -> dict[str, int]:
+        return {"face.jpg": resolution}
+
     def example(self, sample: dict, *, resolution: int, cfg: PhaseConfig, rng: np.random.Generator) -> dict:
         u = rng.random(9)
         return {"image": aligned_face(sample["face.jpg"], resolution), "prompt": neutral_prompt(u[0])}
@@ -126,6 +129,10 @@ class Stage2(Phase):
     trains = ("injection",)
     init = "stage1"
     members = ("jpg", "mask.png", "txt")
+
+    def decode_sizes(self, cfg: Stage2Config, resolution: int) -> dict[str, int]:
+        # crops are >= min_crop_scale of the image side (tighter only around small faces)
+        return {"jpg": int(np.ceil(resolution / cfg.image_aug.min_crop_scale))}
 
     def example(self, sample: dict, *, resolution: int, cfg: Stage2Config, rng: np.random.Generator) -> dict:
         u = rng.random(9)
