@@ -3,7 +3,7 @@
 - 2 DDP workers train the adapter from real shards, each reading only its own shards, and write
   it; their synchronised first-step gradient equals the gradient of ONE training step in ONE
   process on the whole global batch of 2 * B (the two ranks' samples; every random draw is per
-  sample, keyed by its global position: `training.module.draw_per_sample`);
+  sample, keyed by its global position: `training.step.SampleDraws`);
 - a worker killed mid-run: Ray Train restarts the group from the last reported checkpoint and finishes;
 - `persona train submit` runs a training job on a local two-node cluster via the Ray Jobs API.
 
