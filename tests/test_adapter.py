@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from pipeline.models.diffusion import build_random, build_tiny_tokenizer, load_diffusion, sd15_unet_config
 from training.adapter import PersonaAdapter, load_adapter, save_adapter
-from training.adapters import DecoupledAttention, ResidualAttention, WProj, cross_attention_layers, set_scale
+from training.adapters import DecoupledAttention, ResidualAttention, TokenState, WProj, cross_attention_layers, set_scale
 from training.losses import noise_mse
 
 
@@ -162,6 +162,12 @@ def test_tokens_batch_broadcast_and_mismatch(unet, batch):
         with adapter.injection.conditioned(adapter.tokens({"wplus": torch.cat([w, w[:1]])})), \
                 pytest.raises(ValueError, match="batch"):
             unet(x, t, text)
+    # several identities: tokens (B, K, T, D) with regions (B, K, H, W), doubled for a guided batch
+    st = TokenState()
+    tok, regions = torch.randn(2, 3, 4, 32), torch.rand(2, 3, 8, 8)
+    st.tokens, st.uncond, st.regions = tok, torch.zeros_like(tok), regions
+    assert torch.equal(st.for_batch(4), torch.cat([torch.zeros_like(tok), tok]))
+    assert torch.equal(st.regions_for_batch(4), torch.cat([regions, regions])) and st.regions_for_batch(2) is regions
 
 
 # ------------------------------------------------------------------------------------- (c)

@@ -76,6 +76,17 @@ class TokenState:
             return tok.expand(n, *tok.shape[1:])
         raise ValueError(f"identity tokens batch {b} != model batch {n} (with guidance set `uncond` too)")
 
+    def regions_for_batch(self, n: int) -> Optional[torch.Tensor]:
+        """The (B, K, H, W) regions for a model batch of n (repeated for the two halves of a guided batch)."""
+        r = self.regions
+        if r is None or r.shape[0] == n:
+            return r
+        if 2 * r.shape[0] == n:
+            return torch.cat([r, r])
+        if r.shape[0] == 1:
+            return r.expand(n, *r.shape[1:])
+        raise ValueError(f"regions batch {r.shape[0]} != model batch {n}")
+
 
 class Injection(nn.Module):
     """Base class of injections (see module doc). Subclasses implement `install` and `remove` and keep
