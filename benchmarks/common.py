@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,10 +32,9 @@ def machine() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    from pipeline.gitinfo import git_commit
+
+    commit = git_commit(short=True) or ""
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -61,3 +59,13 @@ def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows])
+
+
+def wplus_adapter(comps, dtype=None):
+    """A fresh W+ Adapter (the registered method's conditioner + injection) installed on `comps`."""
+    from training import methods
+    from training.adapter import PersonaAdapter
+
+    m = methods.get("wplus")
+    cond = m.conditioner(**m.conditioner_config(m.config(), comps))
+    return PersonaAdapter(m.name, cond, m.injection()).install(comps, dtype=dtype)

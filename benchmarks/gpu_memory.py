@@ -1,7 +1,7 @@
 """Training memory and step time on SD 1.5 shapes (CUDA only).
 
 The real SD 1.5 UNet/VAE/text-encoder configs with random weights (`build_random('sd15')`), the W+
-adapter installed (`install_wplus_adapter`, trainable in float32), stage I at 512 px (4 x 64 x 64
+adapter installed (`benchmarks.common.wplus_adapter`, trainable in float32), stage I at 512 px (4 x 64 x 64
 latents): VAE encode + text encoder (frozen, no grad) -> UNet + adapter forward/backward -> AdamW.
 Grid: batch 1 / 4 / 8 x precision (fp32; fp16 = frozen networks in float16 + autocast + GradScaler)
 x gradient checkpointing off / on. Per cell: peak allocated and reserved GPU memory and the mean
@@ -27,10 +27,10 @@ def build(preset: str, device, fp16: bool, checkpointing: bool):
     import torch
 
     from pipeline.models.diffusion import build_random
-    from training.adapters import install_wplus_adapter
+    from benchmarks.common import wplus_adapter
 
     comps = build_random(preset, device=device, dtype=torch.float16 if fp16 else torch.float32).freeze()
-    adapter = install_wplus_adapter(comps.unet, dtype=torch.float32)
+    adapter = wplus_adapter(comps, dtype=torch.float32)
     if checkpointing:
         comps.unet.enable_gradient_checkpointing()
         comps.unet.train()  # diffusers checkpoints only in training mode; the frozen weights get no grads
@@ -61,8 +61,8 @@ def measure(preset: str, device, px: int, batch: int, fp16: bool, checkpointing:
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device)
         noisy = sched.add_noise(lat, noise, t)
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16 and cuda):
-            tokens = adapter(w)
-            with adapter.conditioned(tokens, scale=1.0):
+            tokens = adapter.tokens({"wplus": w})
+            with adapter.injection.conditioned(tokens, scale=1.0):
                 pred = comps.unet(noisy.to(comps.unet.dtype), t, text.to(comps.unet.dtype)).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), noise)
                 scaler.scale(loss).backward()  # inside the block: checkpointing recomputes the forward here

@@ -13,7 +13,7 @@ excluded, it is reported); the fastest pass is the figure (medians beside), as t
 fastest of its trials, and a contention-free estimate from single-process costs is given too.
 
 Step rate: the tiny SD preset (`build_random('tiny')`) with the W+ adapter installed
-(`install_wplus_adapter`), batch 8 at 64 px (4 x 8 x 8 latents): UNet + adapter forward/backward
+(`benchmarks.common.wplus_adapter`), batch 8 at 64 px (4 x 8 x 8 latents): UNet + adapter forward/backward
 + AdamW step, with latents and text embeddings precomputed (the target's comparator), and the full
 step (VAE encode + text encoder + the same). On CPU with 1 thread and with torch's default
 threads, fastest of 5 trials each; the faster thread count is the comparator (this tiny model
@@ -86,7 +86,7 @@ def make_shards(root: Path, out: Path, per_shard: int) -> int:
 
 def export_loose(shards: Path, out: Path) -> int:
     """Every shard sample as a folder of files named by member (same bytes as in the tars)."""
-    from pipeline.shards import shard_urls, tar_samples
+    from pipeline.shard_reader import shard_urls, tar_samples
 
     if (out / ".done").exists():
         return sum(1 for _ in out.iterdir()) - 1
@@ -148,7 +148,7 @@ class ShardStream(IterableDataset):
         self.shards, self.size, self.seed = shards, size, seed
 
     def __iter__(self):
-        from pipeline.shards import make_dataset
+        from pipeline.shard_reader import make_dataset
 
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
@@ -167,7 +167,7 @@ class LooseFiles(Dataset):
         return len(self.dirs)
 
     def __getitem__(self, i: int) -> dict:
-        from pipeline.shards import decode_sample
+        from pipeline.shard_reader import decode_sample
 
         d = self.dirs[i]
         raw = {"__key__": d.name}
@@ -223,7 +223,7 @@ class SelectiveShardStream(ShardStream):
     """make_dataset(decode=False) -> decode_selected -> augment."""
 
     def __iter__(self):
-        from pipeline.shards import make_dataset
+        from pipeline.shard_reader import make_dataset
 
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
@@ -234,7 +234,7 @@ class SelectiveShardStream(ShardStream):
 def per_sample_costs(shards: Path, sizes: list[int], limit: int = 100) -> dict:
     """Milliseconds per sample of reading the tar, of decoding each member, of `decode_sample` and
     of the augmentation, in one process (no DataLoader)."""
-    from pipeline.shards import decode_sample, shard_urls, tar_samples
+    from pipeline.shard_reader import decode_sample, shard_urls, tar_samples
 
     t0 = time.perf_counter()
     raws = []
@@ -267,10 +267,10 @@ def per_sample_costs(shards: Path, sizes: list[int], limit: int = 100) -> dict:
 
 
 def _decode_one(key: str, data: bytes):
-    from pipeline.shards import _image_array
+    from pipeline.shard_reader import decode_member
 
     if key.endswith(("jpg", "png")):
-        return _image_array(data)
+        return decode_member(key, data)
     if key.endswith("npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
     if key.endswith("json"):
@@ -285,11 +285,11 @@ def _decode_one(key: str, data: bytes):
 def step_rate(steps: int, trials: int = 5, warmup: int = 3) -> dict:
     """Tiny UNet + W+ adapter training steps/s at 64 px, batch 8, on this CPU (fastest of `trials`)."""
     from pipeline.models.diffusion import build_random
-    from training.adapters import install_wplus_adapter
+    from benchmarks.common import wplus_adapter
 
     torch.manual_seed(0)
     comps = build_random("tiny", device="cpu").freeze()
-    adapter = install_wplus_adapter(comps.unet)
+    adapter = wplus_adapter(comps)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
     sched = comps.noise_scheduler
     images = torch.rand(BATCH, 3, 64, 64) * 2 - 1
@@ -303,7 +303,7 @@ def step_rate(steps: int, trials: int = 5, warmup: int = 3) -> dict:
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (BATCH,))
         noisy = sched.add_noise(latents, noise, t)
-        with adapter.conditioned(w=w, scale=1.0):
+        with adapter.injection.conditioned(adapter.tokens({"wplus": w}), scale=1.0):
             pred = comps.unet(noisy, t, text).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             loss.backward()
@@ -312,7 +312,7 @@ def step_rate(steps: int, trials: int = 5, warmup: int = 3) -> dict:
         return float(loss.detach())
 
     lat, txt = comps.encode_images(images), comps.encode_prompt(prompts)
-    out = {"latent_shape": list(lat.shape), "trials": trials, "trainable_parameters": adapter.num_parameters()["total"]}
+    out = {"latent_shape": list(lat.shape), "trials": trials, "trainable_parameters": sum(p.numel() for p in adapter.parameters())}
     default_threads = torch.get_num_threads()
     try:
         for threads in sorted({1, default_threads}):
@@ -340,13 +340,13 @@ def step_rate(steps: int, trials: int = 5, warmup: int = 3) -> dict:
 def overlapped(shards: Path, size: int, steps: int) -> dict:
     """The full step (1 torch thread) fed by the shard DataLoader (2 workers) on the same 2 cores."""
     from pipeline.models.diffusion import build_random
-    from training.adapters import install_wplus_adapter
+    from benchmarks.common import wplus_adapter
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     comps = build_random("tiny", device="cpu").freeze()
-    adapter = install_wplus_adapter(comps.unet)
+    adapter = wplus_adapter(comps)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
     sched = comps.noise_scheduler
     text = comps.encode_prompt(["a photo of a person"] * BATCH)
@@ -362,7 +362,7 @@ def overlapped(shards: Path, size: int, steps: int) -> dict:
             lat = comps.encode_images(img)
         noise = torch.randn_like(lat)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),))
-        with adapter.conditioned(w=torch.randn(len(lat), 18, 512), scale=1.0):
+        with adapter.injection.conditioned(adapter.tokens({"wplus": torch.randn(len(lat), 18, 512)}), scale=1.0):
             loss = torch.nn.functional.mse_loss(comps.unet(sched.add_noise(lat, noise, t), t, text[: len(lat)]).sample, noise)
             loss.backward()
         opt.step()

@@ -30,36 +30,25 @@ on the in-the-wild crop (uint8, 255 = face), `face_mask.png` face mask on the al
 face_index, bbox [x0,y0,x1,y1] px, landmarks 5x2 px, landmarks_aligned 5x2 px in the aligned crop,
 quad 4x2 px, score, split, models{stage: {name, fingerprint, weights_real}}).
 
-Reader (`make_dataset`, open_clip style)
-    A declarative `webdataset.DataPipeline`: shard list -> split by node and worker -> tar
-    samples -> sample shuffle -> decode -> optional identity grouping. Errors are logged through
-    `logging` and skipped (`warn_and_continue`); tar files are always closed. Decoded samples hold
-    numpy arrays: images uint8 HxWx3 (RGB), masks uint8 HxW, `wplus.npy` float16 (18, 512),
-    `id.npy` float32 (512,), `json` dict, `txt` str; a torch DataLoader turns the arrays into
-    tensors (`default_convert`). Shuffling is deterministic: the shard order depends on
-    (seed, epoch) only (identical in every worker, so the worker split stays exact), the sample
-    buffer on (seed, epoch, rank, worker). `synthetic_samples` builds the same samples in memory.
+Reader: `pipeline.shard_reader` (random access for training and evaluation, streaming
+    `make_dataset`); `synthetic_samples` builds decoded samples like the reader's in memory.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import random
 import tarfile
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import webdataset as wds
 
 from .config import ShardsConfig, section_hash
 from .faults import crash_point
@@ -604,272 +593,6 @@ def sample_grid(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, til
         for j, ln in enumerate(lines):
             draw.text((x + 2, y + tile + 1 + 12 * j), ln, fill=(0, 0, 0), font=font)
     return encode_png(np.asarray(canvas))
-
-
-# ============================================================================================
-# reader
-
-
-def warn_and_continue(exn: BaseException) -> bool:
-    """webdataset handler: log the error through `logging` and go on with the next sample/shard."""
-    log.warning("shards reader: skipping after %s: %s", type(exn).__name__, exn)
-    return True
-
-
-def shard_urls(src: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None) -> list[str]:
-    """Shard paths: a list as given; a shards folder -> its `index.json` shards of `split` (or
-    `<folder>/<split>/*.tar`, or `<folder>/*.tar`); a string pattern -> brace-expanded."""
-    if isinstance(src, (list, tuple)):
-        return [str(u) for u in src]
-    p = spath(src)
-    if p.is_dir():
-        idx = _read_index(p)
-        if idx is not None:
-            return [str(p / s["file"]) for s in idx["shards"] if split is None or s["split"] == split]
-        d = p / split if split and (p / split).is_dir() else p
-        return sorted(str(x) for x in d.glob("*.tar"))
-    return list(wds.shardlists.expand_urls(str(src)))
-
-
-def _seed(*parts: Any) -> int:
-    return int(hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16], 16)
-
-
-class SharedEpoch:
-    """Epoch counter shared with DataLoader workers (shared memory, so persistent workers see it)."""
-
-    def __init__(self, epoch: int = 0):
-        self._v = mp.Value("i", int(epoch), lock=False)
-
-    def set(self, epoch: int) -> None:
-        self._v.value = int(epoch)
-
-    def get(self) -> int:
-        return int(self._v.value)
-
-
-class _ShardList:
-    """First stage: dict(url=...) per shard, permuted by (seed, epoch) when `shuffle` (same in every worker)."""
-
-    def __init__(self, urls: list[str], shuffle: bool, seed: int, epoch: SharedEpoch):
-        self.urls, self.shuffle, self.seed, self.epoch = list(urls), shuffle, seed, epoch
-
-    def __call__(self) -> Iterator[dict]:
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(_seed("shards", self.seed, self.epoch.get())).shuffle(urls)
-        for u in urls:
-            yield {"url": u}
-
-
-class _ResampledShards:
-    """First stage: shards drawn with replacement forever; rng from (seed, epoch, rank, worker)."""
-
-    def __init__(self, urls: list[str], seed: int, epoch: SharedEpoch):
-        self.urls, self.seed, self.epoch = list(urls), seed, epoch
-
-    def __call__(self) -> Iterator[dict]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(_seed("resample", self.seed, self.epoch.get(), rank, worker))
-        while True:
-            yield {"url": rng.choice(self.urls)}
-
-
-def _open(url: str):
-    if url.startswith("pipe:") or url.startswith(("http://", "https://")):
-        return wds.gopen(url, "rb")
-    return spath(url).open("rb")  # local, file://, or an fsspec URL (s3://...)
-
-
-def _split_name(name: str) -> tuple[str, str] | tuple[None, None]:
-    """'dir/abc-0.face.jpg' -> ('dir/abc-0', 'face.jpg') (extension = everything after the first dot)."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None, None
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def tar_samples(src: Iterable[dict], handler: Callable[[BaseException], bool] = warn_and_continue) -> Iterator[dict]:
-    """Shard dicts (url) -> samples {__key__, __url__, <ext>: bytes}. Each tar is closed when done
-    (also when the consumer stops early); a read error drops the sample being assembled."""
-    for shard in src:
-        url = shard["url"]
-        cur: dict | None = None
-        skip: str | None = None  # key of a sample dropped for a duplicate member
-        try:
-            with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-                for ti in tf:
-                    if not ti.isreg():
-                        continue
-                    key, ext = _split_name(ti.name)
-                    if key is None or (key.startswith("__") and key.endswith("__")) or key == skip:
-                        continue
-                    data = tf.extractfile(ti).read()
-                    tf.members = []
-                    if cur is not None and cur["__key__"] != key:
-                        yield cur
-                        cur = None
-                    if cur is None:
-                        cur = {"__key__": key, "__url__": url}
-                    if ext in cur:
-                        cur, skip = None, key
-                        if not handler(ValueError(f"duplicate member {ti.name} in {url}: sample {key} dropped")):
-                            return
-                        continue
-                    cur[ext] = data
-            if cur is not None:
-                yield cur
-        except Exception as exn:
-            dropped = f" (partial sample {cur['__key__']} dropped)" if cur else ""
-            exn.args = (f"{exn} @ {url}{dropped}",)
-            if not handler(exn):
-                break
-
-
-def _image_array(data: bytes) -> np.ndarray:
-    """Image bytes -> writable uint8 array (RGB HxWx3, grayscale HxW)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
-        return np.array(im)
-
-
-def decode_sample(sample: dict) -> dict:
-    """Raw sample -> numpy/str/dict values (see module docstring). Raises on missing keys or bad data."""
-    lacking = [k for k in REQUIRED_KEYS if k not in sample]
-    if lacking:
-        raise ValueError(f"sample {sample.get('__key__')} lacks {lacking}")
-    out: dict = {}
-    for k, v in sample.items():
-        if k.startswith("__"):
-            out[k] = v
-        elif k.endswith(("jpg", "jpeg", "png")):
-            out[k] = _image_array(v)
-        elif k.endswith("npy"):
-            a = np.load(io.BytesIO(v), allow_pickle=False)
-            out[k] = a if a.flags.writeable else a.copy()
-        elif k.endswith("json"):
-            out[k] = json.loads(v)
-        elif k.endswith("txt"):
-            out[k] = v.decode("utf-8")
-        else:
-            out[k] = v
-    if "wplus.npy" in out and out["wplus.npy"].shape != WPLUS_SHAPE:
-        raise ValueError(f"sample {sample.get('__key__')}: wplus shape {out['wplus.npy'].shape}")
-    if "id.npy" in out and out["id.npy"].shape != ID_SHAPE:
-        raise ValueError(f"sample {sample.get('__key__')}: id shape {out['id.npy'].shape}")
-    return out
-
-
-def map_samples(src: Iterable[dict], fn: Callable[[dict], dict], handler: Callable = warn_and_continue) -> Iterator[dict]:
-    for s in src:
-        try:
-            r = fn(s)
-        except Exception as exn:
-            exn.args = (f"{exn} (sample {s.get('__key__')} from {s.get('__url__')})",)
-            if handler(exn):
-                continue
-            break
-        yield r
-
-
-class _Shuffle:
-    """Buffer shuffle; rng from (seed, epoch, rank, worker) so each worker differs and reruns repeat."""
-
-    def __init__(self, bufsize: int, seed: int, epoch: SharedEpoch):
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(_seed("samples", self.seed, self.epoch.get(), rank, worker))
-        buf: list = []
-        for s in src:
-            buf.append(s)
-            if len(buf) >= self.bufsize:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-
-
-def _sample_identity(s: dict) -> str | None:
-    meta = s.get("json")
-    if isinstance(meta, (bytes, bytearray, str)):
-        meta = json.loads(meta)
-    return _identity((meta or {}).get("identity"))
-
-
-def group_identities(src: Iterable[dict], k: int) -> Iterator[list[dict]]:
-    """Yield lists of k samples of ONE identity, in the order groups fill up. Unlabeled faces are
-    dropped; leftovers (< k of an identity) at the end of the stream are dropped. Holds at most
-    (k - 1) samples per identity."""
-    buckets: dict[str, list[dict]] = {}
-    for s in src:
-        ident = _sample_identity(s)
-        if ident is None:
-            continue
-        b = buckets.setdefault(ident, [])
-        b.append(s)
-        if len(b) == k:
-            del buckets[ident]
-            yield b
-
-
-class ShardDataset(wds.DataPipeline):
-    """The reader pipeline; `set_epoch(e)` re-seeds shard and sample shuffling for epoch e."""
-
-    epoch: SharedEpoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.set(epoch)
-
-
-def make_dataset(
-    src: str | os.PathLike | Sequence[str | os.PathLike],
-    split: str | None = "train",
-    *,
-    decode: bool = True,
-    shuffle: int = 0,
-    seed: int = 0,
-    epoch: int = 0,
-    resampled: bool = False,
-    group_by_identity: int = 0,
-    shardshuffle: bool | None = None,
-    handler: Callable[[BaseException], bool] = warn_and_continue,
-) -> ShardDataset:
-    """Stream shard samples (an IterableDataset for torch DataLoader).
-
-    src: shards folder (uses index.json / `<split>/`), list of tar paths, or a brace pattern.
-    shuffle: sample buffer size (0 = file order). shardshuffle: permute shards per epoch
-    (default: shuffle > 0). resampled: draw shards with replacement forever (use islice or
-    `.with_epoch(n)`; each worker its own stream; shardshuffle ignored). group_by_identity=K:
-    yield lists of K samples of one identity (unlabeled faces never). Without resampling, shards
-    are split across nodes and DataLoader workers, so each sample comes once per epoch.
-    """
-    urls = shard_urls(src, split)
-    if not urls:
-        raise ValueError(f"no shards found in {src!r} for split {split!r}")
-    ep = SharedEpoch(epoch)
-    stages: list = []
-    if resampled:
-        stages.append(_ResampledShards(urls, seed, ep))
-    else:
-        stages += [_ShardList(urls, bool(shuffle > 0 if shardshuffle is None else shardshuffle), seed, ep),
-                   wds.split_by_node, wds.split_by_worker]
-    stages.append(functools.partial(tar_samples, handler=handler))
-    if shuffle > 0:
-        stages.append(_Shuffle(shuffle, seed, ep))
-    if decode:
-        stages.append(functools.partial(map_samples, fn=decode_sample, handler=handler))
-    if group_by_identity > 0:
-        stages.append(functools.partial(group_identities, k=group_by_identity))
-    ds = ShardDataset(*stages)
-    ds.epoch = ep
-    return ds
 
 
 # ============================================================================================

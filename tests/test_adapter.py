@@ -1,7 +1,10 @@
-"""W+ Adapter core: parameter counts on SD 1.5 shapes, exact lambda = 0, save/load, overfitting."""
+"""Adapter building blocks: W+ parameter counts on SD 1.5 shapes, exact lambda = 0 (residual and
+decoupled attention), self-describing save / load, overfitting."""
 from __future__ import annotations
 
 import copy
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,16 +13,16 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors import safe_open
 
 from pipeline.models.diffusion import build_random, build_tiny_tokenizer, load_diffusion, sd15_unet_config
-from training.adapters import (
-    WProj,
-    cross_attention_layers,
-    install_wplus_adapter,
-    load_adapter,
-    save_adapter,
-    set_scale,
-    uninstall_wplus_adapter,
-)
+from training.adapter import PersonaAdapter, load_adapter, save_adapter
+from training.adapters import DecoupledAttention, ResidualAttention, TokenState, WProj, cross_attention_layers, set_scale
 from training.losses import noise_mse
+
+
+def wplus_adapter(unet, cross_dim: int | None = None) -> PersonaAdapter:
+    """A fresh W+ adapter (WProj + residual attention) installed on `unet` (frozen before)."""
+    unet.requires_grad_(False)
+    cond = WProj(cross_dim=cross_dim or unet.config.cross_attention_dim, key="wplus")
+    return PersonaAdapter("wplus", cond, ResidualAttention()).install(SimpleNamespace(unet=unet))
 
 PROMPTS = ["a face", "a photo of a face", "a close-up of a face", "a depiction of a face"]
 
@@ -56,16 +59,21 @@ def test_sd15_parameter_counts_and_only_adapter_trainable():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())
     assert sum(p.numel() for p in unet.parameters()) == pytest.approx(859.52e6, rel=1e-3)
-    adapter = install_wplus_adapter(unet)
-    counts = adapter.num_parameters()
-    assert len(adapter.layer_names) == 16
-    assert counts["wproj"] == pytest.approx(7.1e6, rel=0.02)
-    assert counts["attn"] == pytest.approx(31.6e6, rel=0.02)
+    adapter = wplus_adapter(unet)
+    n_w = sum(p.numel() for p in adapter.conditioner.parameters())
+    n_a = sum(p.numel() for p in adapter.injection.parameters())
+    assert len(adapter.injection.layers) == 16
+    assert n_w == pytest.approx(7.1e6, rel=0.02)
+    assert n_a == pytest.approx(31.6e6, rel=0.02)
     trainable = {id(p) for p in unet.parameters() if p.requires_grad} | {
-        id(p) for p in adapter.wproj.parameters() if p.requires_grad
+        id(p) for p in adapter.conditioner.parameters() if p.requires_grad
     }
     assert trainable == _params(adapter)
-    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == counts["attn"]
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == n_a
+    # decoupled attention: W_k', W_v' per layer (IP-Adapter style), 19.2 M on SD 1.5
+    adapter.remove()
+    dec = DecoupledAttention().install(unet)
+    assert sum(p.numel() for p in dec.parameters()) == 19_169_280
 
 
 def test_wproj_shapes_and_null_tokens():
@@ -82,41 +90,50 @@ def test_wproj_shapes_and_null_tokens():
 
 
 # ------------------------------------------------------------------------------------- (b)
-def test_scale_zero_is_bit_exact_and_scale_one_differs(unet, batch):
+@pytest.mark.parametrize("injection", [ResidualAttention, DecoupledAttention])
+def test_scale_zero_is_bit_exact_and_scale_one_differs(unet, batch, injection):
     x, t, text, w = batch
     mask = torch.ones(2, 77, dtype=torch.bool)
     mask[:, 10:] = False  # exercise the attention-mask branch of the text path too
     with torch.no_grad():
         base = unet(x, t, text).sample
         base_masked = unet(x, t, text, encoder_attention_mask=mask).sample
-    adapter = install_wplus_adapter(unet)
+    inj = injection().install(unet)
+    tok = WProj(cross_dim=32)(w)
     layers = cross_attention_layers(unet)
-    assert len(layers) == 7 and all(type(m.processor).__name__ == "ResidualWPlusAttnProcessor" for _, m in layers)
-    # W_q', W_k', W_v' start as copies of the layer's text projections
+    assert len(layers) == 7 and all(type(m.processor) is injection.processor_cls for _, m in layers)
+    # the new projections start as copies of the layer's text projections
     for name, attn in layers:
         proc = attn.processor
-        assert torch.equal(proc.to_q_w.weight, attn.to_q.weight) and torch.equal(proc.to_v_w.weight, attn.to_v.weight)
+        new_k = proc.to_k_w if injection is ResidualAttention else proc.to_k_id
+        assert torch.equal(new_k.weight, attn.to_k.weight)
     with torch.no_grad():
-        with adapter.conditioned(w=w, scale=0.0):
+        with inj.conditioned(tok, scale=0.0):
             out0 = unet(x, t, text).sample
             out0_masked = unet(x, t, text, encoder_attention_mask=mask).sample
         set_scale(unet, 0.0)
         out0_notokens = unet(x, t, text).sample  # no tokens needed at scale 0
-        set_scale(adapter, 1.0)
-        with adapter.conditioned(w=w):
+        inj.scale = 1.0
+        with inj.conditioned(tok):
             out1 = unet(x, t, text).sample
-        out1_kwargs = unet(x, t, text, cross_attention_kwargs={"wplus_tokens": adapter(w), "wplus_scale": 1.0}).sample
-        out_half = unet(x, t, text, cross_attention_kwargs={"wplus_tokens": adapter(w), "wplus_scale": 0.5}).sample
+        out1_kwargs = unet(x, t, text, cross_attention_kwargs={"identity_tokens": tok, "identity_scale": 1.0}).sample
+        out_half = unet(x, t, text, cross_attention_kwargs={"identity_tokens": tok, "identity_scale": 0.5}).sample
+        # classifier-free guidance: a batch of 2B gets [uncond; cond]
+        inj.set_tokens(tok[:1], uncond=tok[1:])
+        cfg = unet(torch.cat([x[:1], x[:1]]), t[:1].repeat(2), torch.cat([text[:1], text[:1]])).sample
+        inj.clear()
+        ref = unet(torch.cat([x[:1], x[:1]]), t[:1].repeat(2), torch.cat([text[:1], text[:1]]),
+                   cross_attention_kwargs={"identity_tokens": torch.cat([tok[1:], tok[:1]])}).sample
     assert torch.equal(out0, base) and torch.equal(out0_notokens, base)
     assert torch.equal(out0_masked, base_masked)
     assert (out1 - base).abs().max() > 1e-3
-    assert torch.equal(out1_kwargs, out1)
+    assert torch.equal(out1_kwargs, out1) and torch.equal(cfg, ref)
     assert not torch.equal(out_half, out1) and not torch.equal(out_half, base)
-    assert adapter.scale == 1.0 and adapter.tokens is None  # context restored
-    with pytest.raises(RuntimeError, match="no W\\+ tokens"):
+    assert inj.scale == 1.0 and inj.tokens is None  # context restored
+    with pytest.raises(RuntimeError, match="no tokens set"):
         unet(x, t, text)
-    # uninstall restores the stock processor and the base output
-    assert uninstall_wplus_adapter(unet) == 7
+    # remove restores the stock processor and the base output
+    inj.remove()
     assert all(isinstance(m.processor, AttnProcessor2_0) for _, m in cross_attention_layers(unet))
     with torch.no_grad():
         assert torch.equal(unet(x, t, text).sample, base)
@@ -124,8 +141,8 @@ def test_scale_zero_is_bit_exact_and_scale_one_differs(unet, batch):
 
 def test_gradients_reach_only_the_adapter(unet, batch):
     x, t, text, w = batch
-    adapter = install_wplus_adapter(unet)
-    with adapter.conditioned(w=w):
+    adapter = wplus_adapter(unet)
+    with adapter.injection.conditioned(adapter.tokens({"wplus": w})):
         noise_mse(unet(x, t, text).sample, torch.zeros_like(x)).backward()
     adapter_ids = _params(adapter)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
@@ -134,45 +151,82 @@ def test_gradients_reach_only_the_adapter(unet, batch):
 
 def test_tokens_batch_broadcast_and_mismatch(unet, batch):
     x, t, text, w = batch
-    adapter = install_wplus_adapter(unet)
+    adapter = wplus_adapter(unet)
     with torch.no_grad():
-        tok = adapter(w[:1])
-        with adapter.conditioned(tok):
+        tok = adapter.tokens({"wplus": w[:1]})
+        with adapter.injection.conditioned(tok):
             a = unet(x, t, text).sample
-        with adapter.conditioned(tok.expand(2, -1, -1)):
+        with adapter.injection.conditioned(tok.expand(2, -1, -1)):
             b = unet(x, t, text).sample
         assert torch.allclose(a, b, atol=1e-6)
-        with adapter.conditioned(adapter(torch.cat([w, w[:1]]))), pytest.raises(ValueError, match="batch"):
+        with adapter.injection.conditioned(adapter.tokens({"wplus": torch.cat([w, w[:1]])})), \
+                pytest.raises(ValueError, match="batch"):
             unet(x, t, text)
+    # several identities: tokens (B, K, T, D) with regions (B, K, H, W), doubled for a guided batch
+    st = TokenState()
+    tok, regions = torch.randn(2, 3, 4, 32), torch.rand(2, 3, 8, 8)
+    st.tokens, st.uncond, st.regions = tok, torch.zeros_like(tok), regions
+    assert torch.equal(st.for_batch(4), torch.cat([torch.zeros_like(tok), tok]))
+    assert torch.equal(st.regions_for_batch(4), torch.cat([regions, regions])) and st.regions_for_batch(2) is regions
 
 
 # ------------------------------------------------------------------------------------- (c)
-def test_save_load_roundtrip(tiny, batch, tmp_path):
+def test_save_load_roundtrip_from_the_file_alone(tiny, batch, tmp_path):
     x, t, text, w = batch
     unet_a, unet_b = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.unet)
-    adapter = install_wplus_adapter(unet_a)
+    adapter = wplus_adapter(unet_a)
+    adapter.phase, adapter.base_model = "stage1", {"preset": "tiny", "path": None}
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # move away from the copy-initialisation so the load is observable
         for p in adapter.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    path = save_adapter(adapter, tmp_path / "adapter.safetensors", metadata={"stage": "1"})
+    path = save_adapter(adapter, tmp_path / "adapter.safetensors", metadata={"global_step": "5"})
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["persona"])  # one sorted entry: the same weights give the same bytes
+    assert save_adapter(adapter, tmp_path / "again.safetensors", metadata={"global_step": "5"}).read_bytes() == path.read_bytes()
     assert keys == set(adapter.state_dict().keys())
-    assert all(k.startswith(("wproj.", "attn.")) for k in keys)
+    assert all(k.startswith(("conditioner.", "injection.")) for k in keys)
     assert len(keys) == 6 + 3 * len(cross_attention_layers(unet_a))  # 4 Linear + LayerNorm (w, b); q/k/v per layer
-    assert meta["stage"] == "1"
+    assert (meta["method"], meta["phase"], meta["global_step"]) == ("wplus", "stage1", "5")
+    assert json.loads(meta["conditioner"])["key"] == "wplus" and len(json.loads(meta["injection"])["layers"]) == 7
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed
 
-    install_wplus_adapter(unet_b)  # load_adapter must replace an installed adapter
-    loaded = load_adapter(unet_b, path)
+    loaded = load_adapter(path)  # the file alone: method, configs, weights
+    assert type(loaded.conditioner) is WProj and type(loaded.injection) is ResidualAttention and loaded.phase == "stage1"
+    loaded.install(SimpleNamespace(unet=unet_b))
     with torch.no_grad():
-        with adapter.conditioned(w=w):
+        with adapter.injection.conditioned(adapter.tokens({"wplus": w})):
             out_a = unet_a(x, t, text).sample
-        with loaded.conditioned(w=w):
+        with loaded.injection.conditioned(loaded.tokens({"wplus": w})):
             out_b = unet_b(x, t, text).sample
     assert torch.equal(out_a, out_b)
     assert all(not p.requires_grad for n, p in unet_b.named_parameters() if ".processor." not in n)
+
+
+def test_save_adapter_is_atomic(tiny, tmp_path, monkeypatch):
+    """A write that dies before the rename leaves the previous adapter file intact and no temporary."""
+    import pipeline.store
+
+    adapter = wplus_adapter(copy.deepcopy(tiny.unet))
+    path = save_adapter(adapter, tmp_path / "adapter.safetensors")
+    before = path.read_bytes()
+    calls = []
+
+    def dying_fsync(fd):
+        calls.append(fd)
+        raise OSError("disk gone")
+
+    with torch.no_grad():
+        next(adapter.parameters()).add_(1.0)
+    monkeypatch.setattr(pipeline.store.os, "fsync", dying_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        save_adapter(adapter, path)
+    assert calls and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+    monkeypatch.undo()
+    save_adapter(adapter, path)
+    assert path.read_bytes() != before
 
 
 def test_folder_roundtrip_and_single_file_needs_config(tiny, tmp_path):
@@ -203,11 +257,11 @@ def test_stage1_overfits_eight_samples(tiny, unet):
     noisy = tiny.noise_scheduler.add_noise(latents, noise, timesteps)
 
     base_before = {k: v.clone() for k, v in unet.state_dict().items()}
-    adapter = install_wplus_adapter(unet)
+    adapter = wplus_adapter(unet)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2, weight_decay=0.01)
     losses = []
     for _ in range(200):
-        with adapter.conditioned(w=w):
+        with adapter.injection.conditioned(adapter.tokens({"wplus": w})):
             loss = noise_mse(unet(noisy, timesteps, text).sample, noise)
         opt.zero_grad()
         loss.backward()

@@ -15,8 +15,10 @@ from pipeline.shards import encoded_members, synthetic_samples, write_tar
 from training.evaluate import (
     FaceScorer,
     clip_t,
+    contained,
     control_from_photos,
     eval_set_id,
+    evaluate,
     evaluate_config,
     fid_from_features,
     fid_metric,
@@ -24,6 +26,7 @@ from training.evaluate import (
     identity_control,
     labeled_faces,
     lpips_metric,
+    slug,
 )
 from tests.test_generate import make_tiny_adapter
 
@@ -118,7 +121,7 @@ def test_evaluate_stage_on_tiny_shards_reports_missing_metrics_and_logs_to_the_t
     assert abs(m["control_different_identity"]["value"]) < 0.2
     assert res["control"]["embedding_sources"]["shard_id"] == 12  # synthetic landmarks are unusable
     assert res["weights_real"] is False and "RANDOM WEIGHTS" in res["warning"]
-    assert "base.unet" in res["random_weights"] and "shards.wplus_encoder" in res["random_weights"]
+    assert "base.unet" in res["random_weights"] and "shards.wplus" in res["random_weights"] and res["method"] == "wplus"
     assert res["eval_set"]["identities"] == ["synthetic_004", "synthetic_005"] and len(res["samples"]) == 4
     assert res["adapter"]["sha256"] and res["mlflow"] == {"tracking_uri": uri, "run_id": run_id, "new_run": False}
     assert len(list((tmp_path / "eval").rglob("*.png"))) == 4
@@ -137,16 +140,46 @@ def test_evaluate_stage_on_tiny_shards_reports_missing_metrics_and_logs_to_the_t
 
 def test_eval_set_id_changes_with_faces_and_protocol(tmp_path):
     shards = _write_shards(tmp_path / "shards")
-    faces = labeled_faces(shards, ("val",), 2, 1, need_wplus=True)
+    faces = labeled_faces(shards, ("val",), 2, 1, need=("wplus.npy",))
     assert [f.identity for f in faces] == ["synthetic_004", "synthetic_005"]
+    assert set(faces[0].sample) >= {"face.jpg", "json", "wplus.npy", "id.npy"} and "jpg" not in faces[0].sample
+    inputs = [{"wplus": f.sample["wplus.npy"].astype(np.float32)} for f in faces]
     cfg = evaluate_config({"prompts": ["a"]})
     models = {"arcface": {"fingerprint": "x"}}
-    base = eval_set_id(faces, cfg, 64, models)
-    assert base == eval_set_id(faces, evaluate_config({"prompts": ["a"]}), 64, models)
-    assert base != eval_set_id(faces[:1], cfg, 64, models)
-    assert base != eval_set_id(faces, evaluate_config({"prompts": ["b"]}), 64, models)
-    assert base != eval_set_id(faces, evaluate_config({"prompts": ["a"], "steps": 7}), 64, models)
-    assert base != eval_set_id(faces, cfg, 64, {"arcface": {"fingerprint": "y"}})
+    base = eval_set_id(faces, inputs, cfg, 64, models)
+    assert base == eval_set_id(faces, inputs, evaluate_config({"prompts": ["a"]}), 64, models)
+    assert base != eval_set_id(faces[:1], inputs, cfg, 64, models)
+    assert base != eval_set_id(faces, [inputs[1], inputs[0]], cfg, 64, models)  # the conditioner inputs count
+    assert base != eval_set_id(faces, inputs, evaluate_config({"prompts": ["b"]}), 64, models)
+    assert base != eval_set_id(faces, inputs, evaluate_config({"prompts": ["a"], "steps": 7}), 64, models)
+    assert base != eval_set_id(faces, inputs, evaluate_config({"prompts": ["a"], "scheduler": "euler_a"}), 64, models)
+    assert base != eval_set_id(faces, inputs, cfg, 64, {"arcface": {"fingerprint": "y"}})
+
+
+def test_identities_from_shard_metadata_cannot_write_outside_images_out(tmp_path, scorer):
+    """Identity and key strings come from shard json: '../x' or an absolute path must not escape."""
+    from training.generate import Generator
+
+    hostile = ["../escape", str(tmp_path / "abs")]
+    samples = synthetic_samples(2, identities=2, seed=3, encoded=True)
+    for smp, ident in zip(samples, hostile):
+        meta = json.loads(smp["json"])
+        meta["identity"] = ident
+        smp["json"] = json.dumps(meta).encode()
+    write_tar(tmp_path / "shards" / "val" / "val-000000.tar", (encoded_members(x) for x in samples))
+    out = tmp_path / "eval" / "images"
+    cfg = evaluate_config({"shards": str(tmp_path / "shards"), "prompts": ["a face"], "steps": 1, "device": "cpu",
+                           "images_out": str(out), "metrics_out": str(tmp_path / "m.json"),
+                           "grid_out": str(tmp_path / "g.png"), "control": {"enabled": False}})
+    gen = Generator.load(str(make_tiny_adapter(tmp_path / "adapter")), device="cpu", dtype="fp32")
+    res = evaluate(cfg, generator=gen, scorer=scorer, log_mlflow=False)
+    files = [Path(x["file"]) for x in res["samples"]]
+    assert sorted(x["identity"] for x in res["samples"]) == sorted(hostile) and len(files) == 2
+    assert all(f.is_file() and out.resolve() in f.resolve().parents for f in files)
+    assert not (tmp_path / "eval" / "escape").exists() and not (tmp_path / "abs").exists()
+    assert slug("obama") == "obama" and slug("../x") != slug("__x") and "/" not in slug("/etc/passwd")
+    with pytest.raises(ValueError, match="outside"):
+        contained(out, "..", "x")
 
 
 def test_params_yaml_evaluate_section_is_valid():

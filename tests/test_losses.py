@@ -13,7 +13,7 @@ from training.losses import (
     masked_disentangle,
     noise_mse,
     stage2_loss,
-    wplus_augment,
+    code_augment,
 )
 
 
@@ -63,36 +63,36 @@ def test_identity_regulariser():
 def test_shuffle_is_a_permutation_and_noise_has_sigma():
     w = torch.randn(16, 18, 512)
     g = torch.Generator().manual_seed(0)
-    s = wplus_augment(w, "shuffle", generator=g)
+    s = code_augment(w, "shuffle", generator=g)
     # every output row is an input row, each used once
     match = (s[:, None] == w[None]).flatten(2).all(-1)  # (16, 16)
     assert torch.all(match.sum(0) == 1) and torch.all(match.sum(1) == 1)
     assert not torch.equal(s, w)
-    n = wplus_augment(w, "noise", sigma=0.3, generator=torch.Generator().manual_seed(1))
+    n = code_augment(w, "noise", sigma=0.3, generator=torch.Generator().manual_seed(1))
     d = n - w
     assert d.std().item() == pytest.approx(0.3, rel=0.02) and abs(d.mean().item()) < 0.01
-    both0 = wplus_augment(w, "both", sigma=0.0, generator=torch.Generator().manual_seed(2))
+    both0 = code_augment(w, "both", sigma=0.0, generator=torch.Generator().manual_seed(2))
     assert torch.all((both0[:, None] == w[None]).flatten(2).all(-1).sum(1) == 1)
-    both = wplus_augment(w, "both", sigma=0.3, generator=torch.Generator().manual_seed(2))
+    both = code_augment(w, "both", sigma=0.3, generator=torch.Generator().manual_seed(2))
     assert (both - both0).std().item() == pytest.approx(0.3, rel=0.02)
     # deterministic for a given generator seed
-    assert torch.equal(wplus_augment(w, "both", 0.3, torch.Generator().manual_seed(5)),
-                       wplus_augment(w, "both", 0.3, torch.Generator().manual_seed(5)))
+    assert torch.equal(code_augment(w, "both", 0.3, torch.Generator().manual_seed(5)),
+                       code_augment(w, "both", 0.3, torch.Generator().manual_seed(5)))
     with pytest.raises(ValueError):
-        wplus_augment(w, "flip")
+        code_augment(w, "flip")
 
 
-def test_wplus_augment_with_given_noise():
+def test_code_augment_with_given_noise():
     w = torch.randn(4, 18, 512)
     noise = torch.randn(4, 18, 512)
-    assert torch.equal(wplus_augment(w, "noise", 0.5, noise=noise), w + 0.5 * noise)
+    assert torch.equal(code_augment(w, "noise", 0.5, noise=noise), w + 0.5 * noise)
     # both: the permutation from `generator`, then row i of the given noise onto output row i
     perm = torch.randperm(4, generator=torch.Generator().manual_seed(3))
-    got = wplus_augment(w, "both", 0.5, generator=torch.Generator().manual_seed(3), noise=noise)
+    got = code_augment(w, "both", 0.5, generator=torch.Generator().manual_seed(3), noise=noise)
     assert torch.equal(got, w[perm] + 0.5 * noise)
-    assert torch.equal(wplus_augment(w, "shuffle", 0.5, torch.Generator().manual_seed(3), noise=noise), w[perm])
+    assert torch.equal(code_augment(w, "shuffle", 0.5, torch.Generator().manual_seed(3), noise=noise), w[perm])
     with pytest.raises(ValueError, match="noise shape"):
-        wplus_augment(w, "noise", noise=noise[:2])
+        code_augment(w, "noise", noise=noise[:2])
 
 
 def test_condition_dropout_rates():

@@ -122,7 +122,7 @@ def test_register_promote_refuse_rollback_on_a_local_store(tmp_path, monkeypatch
     v1 = reg.show(NAME, "candidate")
     assert v1["metrics"] == {"identity_similarity": 0.30, "face_detection_rate": 0.5, "clip_t": None}
     t = v1["tags"]
-    assert t["eval_set"] == "E1" and t["method"] == "wplus" and t["stage"] == "2" and t["weights_real"] == "false"
+    assert t["eval_set"] == "E1" and t["method"] == "wplus" and t["phase"] == "stage2" and t["weights_real"] == "false"
     assert t["git_commit"] == "test" and t["shards_hash"] == "test-shards" and len(t["params_hash"]) == 16
     assert t["adapter_sha256"] == sha256_file(ad / "adapter.safetensors") and t["metric.clip_t"].startswith("missing: ")
 
@@ -131,6 +131,11 @@ def test_register_promote_refuse_rollback_on_a_local_store(tmp_path, monkeypatch
     # evaluation results of another adapter are refused
     with pytest.raises(RegistryError, match="not for"):
         reg.register(ad, evaluation={**evaluation(ad, 0.3), "adapter": {"sha256": "f" * 64}})
+    # without a configured name the registered model is persona-<the adapter's method>
+    default = Registry(RegistryConfig(tracking_uri=uri, artifact_location=str(tmp_path / "mlartifacts")))
+    assert default.register(ad, evaluation=evaluation(ad, 0.3))["name"] == "persona-wplus"
+    with pytest.raises(RegistryError, match="--method"):
+        default.promote()
 
     assert main(["registry", "promote", *cli]) == 0  # first champion
     assert reg.show(NAME)["version"] == "1"
@@ -174,7 +179,7 @@ def test_register_promote_refuse_rollback_on_a_local_store(tmp_path, monkeypatch
 
     # generation from the local registry; the record pins version and server, so it re-runs anywhere
     np.save(tmp_path / "w.npy", np.random.default_rng(0).standard_normal((18, 512)).astype(np.float32))
-    assert main(["generate", "--adapter", f"models:/{NAME}@champion", "--wplus", str(tmp_path / "w.npy"), "--prompt", "a face",
+    assert main(["generate", "--adapter", f"models:/{NAME}@champion", "--input", f"wplus={tmp_path / 'w.npy'}", "--prompt", "a face",
                  "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen"), "--tracking-uri", uri, *cli]) == 0
     rec_path = next((tmp_path / "gen").glob("*.json"))
     rec = json.loads(rec_path.read_text())
@@ -230,7 +235,7 @@ def test_registry_and_generation_over_http_against_a_real_mlflow_server(mlflow_s
     # generate from the champion over HTTP; the record pins the version; re-running it is identical
     np.save(tmp_path / "w.npy", np.random.default_rng(0).standard_normal((18, 512)).astype(np.float32))
     out = tmp_path / "gen"
-    assert main(["generate", "--adapter", f"models:/{NAME}@champion", "--wplus", str(tmp_path / "w.npy"),
+    assert main(["generate", "--adapter", f"models:/{NAME}@champion", "--input", f"wplus={tmp_path / 'w.npy'}",
                  "--prompt", "a photo of a face", "--steps", "3", "--device", "cpu", "--out", str(out), *cli]) == 0
     rec_path = next(out.glob("*.json"))
     rec = json.loads(rec_path.read_text())

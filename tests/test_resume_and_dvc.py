@@ -173,7 +173,7 @@ def _check_sample_shards(shards: Path) -> None:
     """The real sample in real shards: ArcFace separates Obama from Biden; the reader streams them."""
     import torch
 
-    from pipeline.shards import make_dataset
+    from pipeline.shard_reader import make_dataset
 
     samples = []
     for split in ("train", "val"):
@@ -202,9 +202,9 @@ def _full_repro_checks(proj: Path) -> None:
     """`dvc repro` end to end: training stages, evaluation and a registered candidate."""
     r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for stage in (1, 2):
-        meta = json.loads((proj / "models" / "wplus" / f"stage{stage}" / "adapter.json").read_text())
-        assert meta["stage"] == stage and (proj / "models" / "wplus" / f"stage{stage}" / "adapter.safetensors").exists()
+    for phase in ("stage1", "stage2"):  # train@wplus-<phase>: the runs listed in params train.runs
+        meta = json.loads((proj / "models" / "wplus" / phase / "adapter.json").read_text())
+        assert meta["phase"] == phase and (proj / "models" / "wplus" / phase / "adapter.safetensors").exists()
         assert meta["lineage"]["shards_hash"] not in ("", "none", None)
-    assert json.loads((proj / "metrics" / "evaluate.json").read_text())
-    assert (proj / "metrics" / "register.json").exists()
+    assert json.loads((proj / "metrics" / "evaluate_wplus.json").read_text())["method"] == "wplus"
+    assert json.loads((proj / "metrics" / "register_wplus.json").read_text())["name"] == "persona-wplus"

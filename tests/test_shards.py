@@ -16,11 +16,10 @@ import torch
 
 from pipeline.config import ShardsConfig, params_from_dict
 from pipeline.images import encode_jpeg, encode_png
+from pipeline.shard_reader import MemorySource, ShardIndex, make_dataset, shard_urls
 from pipeline.shards import (
     encoded_members,
-    make_dataset,
     shard_metrics,
-    shard_urls,
     split_identities,
     synthetic_samples,
     write_shards,
@@ -310,13 +309,24 @@ def test_shuffle_is_deterministic_per_epoch(built):
     assert order(0, seed=5) != order(0)
 
 
-def test_identity_groups(built):
+def test_random_access_decodes_only_asked_members_and_groups_by_identity(built):
     root, *_ = built
-    groups = list(make_dataset(root / "shards", "train", group_by_identity=2))
-    assert groups
-    for g in groups:
-        ids = {s["json"]["identity"] for s in g}
-        assert len(g) == 2 and len(ids) == 1 and None not in ids
+    streamed = {s["__key__"]: s for s in make_dataset(root / "shards", "train")}
+    idx = ShardIndex(shard_urls(root / "shards", "train"), need=("face.jpg", "wplus.npy"))
+    assert len(idx) == len(streamed) and not idx.skipped
+    s = idx.get(0, ("face.jpg", "wplus.npy"))
+    assert set(s) == {"__key__", "face.jpg", "wplus.npy"}  # nothing else read or decoded
+    ref = streamed[s["__key__"]]
+    np.testing.assert_array_equal(s["face.jpg"], ref["face.jpg"])  # the one decode path
+    np.testing.assert_array_equal(s["wplus.npy"], ref["wplus.npy"])
+    groups, unlabeled = idx.by_identity()
+    assert list(groups) == sorted(groups) and sum(map(len, groups.values())) + len(unlabeled) == len(idx)
+    for ident, members in groups.items():
+        assert {streamed[idx.key(i)]["json"]["identity"] for i in members} == {ident}
+    assert all(streamed[idx.key(i)]["json"]["identity"] is None for i in unlabeled)
+    mem = MemorySource(synthetic_samples(5, identities=2, unlabeled=1))
+    assert mem.by_identity() == ({"synthetic_000": [0, 2], "synthetic_001": [1, 3]}, [4])
+    assert ShardIndex(shard_urls(root / "shards", "train"), need=("nope.npy",)).skipped == {"lacks nope.npy": len(idx)}
 
 
 def test_resampled_yields_indefinitely(built):

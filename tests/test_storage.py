@@ -170,9 +170,9 @@ def test_ingest_reads_photos_from_s3_and_writes_its_store_there(s3, s3_raw, samp
 
 
 def test_shards_on_s3_are_read_by_the_reader_and_the_training_index(s3, tmp_path, monkeypatch):
-    from pipeline.shards import _npy_bytes, make_dataset, shard_urls, synthetic_samples, write_tar
+    from pipeline.shard_reader import ShardIndex, make_dataset, shard_urls
+    from pipeline.shards import _npy_bytes, synthetic_samples, write_tar
     from pipeline.storage import local_copy, spath
-    from training.data import ShardIndex
 
     samples = synthetic_samples(6, identities=2, seed=3, size=32, encoded=True)
     members = [[(f"{s['__key__']}.{k}", v) for k, v in s.items() if k != "__key__"] for s in samples]

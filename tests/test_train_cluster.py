@@ -3,7 +3,7 @@
 - 2 DDP workers train the adapter from real shards, each reading only its own shards, and write
   it; their synchronised first-step gradient equals the gradient of ONE training step in ONE
   process on the whole global batch of 2 * B (the two ranks' samples; every random draw is per
-  sample, keyed by its global position: `training.module.draw_per_sample`);
+  sample, keyed by its global position: `training.step.SampleDraws`);
 - a worker killed mid-run: Ray Train restarts the group from the last reported checkpoint and finishes;
 - `persona train submit` runs a training job on a local two-node cluster via the Ray Jobs API.
 
@@ -75,15 +75,15 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
     from training.cluster import train_distributed
     from training.config import train_params
     from training.losses import dropout_from_uniform
-    from training.module import draw_per_sample, sample_generators
+    from training.step import SampleDraws
 
     from tests.test_training import reference_module, split_shards, step_gradients
 
     drop = (0.3, 0.3, 0.2)
     where = split_shards(tmp_path / "shards", n_shards=4, per_shard=3)  # 4 shards >= 2 workers: split
     params = make_params(tmp_path, train={"synthetic": 0, "shards": str(tmp_path / "shards")},
-                         train_stage1={"dropout": dict(zip(("image", "text", "both"), drop))})
-    res = train_distributed(params, 1, workers=2, max_steps=2, storage_path=str(tmp_path / "ray"),
+                         stage1={"dropout": dict(zip(("image", "text", "both"), drop))})
+    res = train_distributed(params, "wplus", "stage1", workers=2, max_steps=2, storage_path=str(tmp_path / "ray"),
                             callback_factories=[functools.partial(GradDump, str(tmp_path))])
     assert res["world_size"] == 2 and res["global_step"] == 2
     adapter = Path(res["adapter"])
@@ -99,7 +99,7 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
     # the global batch of step 0: rank 0's and rank 1's batches, read from disjoint shards
     tp = train_params(params)
     module, dm = reference_module(tp, 1)
-    B = tp.stage1.batch_size
+    B = tp.phase("wplus", "stage1").batch_size
     halves = [dm.dataset(0, r, 2).batch(0) for r in (0, 1)]
     files = sorted(set(where.values()))
     for r, h in enumerate(halves):
@@ -108,7 +108,7 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
                  halves[0][k] + halves[1][k] if isinstance(halves[0][k], list) else halves[0][k]) for k in halves[0]}
     assert whole["pos"].tolist() == list(range(2 * B)) and len(set(whole["key"])) == 2 * B
     T = module.components.noise_scheduler.config.num_train_timesteps
-    u = draw_per_sample(sample_generators(tp.train.seed, whole["pos"].tolist()), module.latent_shape(whole["image"]), T)["u"]
+    u = SampleDraws(tp.train.seed, whole["pos"].tolist()).standard((4, 8, 8), T)["u"]
     di, dt = dropout_from_uniform(u, *drop)
     assert (di | dt).any() and not (di | dt).all()  # dropout varies within the batch
 
@@ -128,9 +128,9 @@ def test_two_workers_train_and_ddp_gradient_matches_one_process(ray_local, tmp_p
 def test_killed_worker_resumes_from_last_reported_checkpoint(ray_local, tmp_path):
     from training.cluster import train_distributed
 
-    params = make_params(tmp_path, train_stage1={"max_steps": 4, "checkpoint_every": 2})
+    params = make_params(tmp_path, stage1={"max_steps": 4, "checkpoint_every": 2})
     marker = tmp_path / "killed.marker"
-    res = train_distributed(params, 1, workers=2, storage_path=str(tmp_path / "ray"), max_failures=1,
+    res = train_distributed(params, "wplus", "stage1", workers=2, storage_path=str(tmp_path / "ray"), max_failures=1,
                             callback_factories=[functools.partial(KillOnce, str(marker), 3)])
     assert marker.is_file(), "the worker was never killed"
     assert res["global_step"] == 4 and res["done"]
@@ -139,7 +139,7 @@ def test_killed_worker_resumes_from_last_reported_checkpoint(ray_local, tmp_path
     assert Path(res["adapter"]).is_file()
     rec = json.loads(Path(res["adapter_json"]).read_text())
     assert rec["global_step"] == 4
-    rows = Path(tmp_path / "plots" / "train_stage1.csv").read_text().splitlines()[1:]
+    rows = Path(tmp_path / "plots" / "train_wplus_stage1.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [0, 1, 2, 3]  # history restored: each step once, no gap
 
 
@@ -165,14 +165,14 @@ def test_train_submit_runs_job_and_returns_status(cluster, tmp_path, monkeypatch
     wd = _job_wd(tmp_path)
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(make_params(tmp_path)))
-    opts = ["--stage", "1", "--params", str(pfile), "--address", cluster.dashboard, "--working-dir", str(wd),
-            "--max-steps", "2"]
+    opts = ["--method", "wplus", "--phase", "stage1", "--params", str(pfile), "--address", cluster.dashboard,
+            "--working-dir", str(wd), "--max-steps", "2"]
     base = ["train", "submit", *opts]
 
     capsys.readouterr()
     assert cli.main(base) == 0
     out = capsys.readouterr().out
-    assert "[train_stage1] done: step 2" in out  # the job's log, streamed
+    assert "[train wplus.stage1] done: step 2" in out  # the job's log, streamed
     assert (tmp_path / "models" / "wplus" / "stage1" / "adapter.safetensors").is_file()
     assert json.loads((tmp_path / "models" / "wplus" / "stage1" / "adapter.json").read_text())["global_step"] == 2
 
@@ -182,7 +182,7 @@ def test_train_submit_runs_job_and_returns_status(cluster, tmp_path, monkeypatch
                             "--set", f"train.out_dir={d / 'models'}", "--set", f"train.checkpoints_dir={d / 'ck'}"]) == 0
     out = capsys.readouterr().out
     assert "distributed on 2 workers: step 2" in out
-    assert (d / "models" / "stage1" / "adapter.safetensors").is_file()
+    assert (d / "models" / "wplus" / "stage1" / "adapter.safetensors").is_file()
 
     # an invalid config fails inside the job: non-zero exit (`--submit`: the older spelling)
     assert cli.main(["train", *opts, "--submit", "--set", "train.resolution=12"]) != 0

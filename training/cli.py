@@ -1,9 +1,11 @@
-"""`persona train`: one W+ Adapter training stage (what the DVC stages train_stage1/2 call).
+"""`persona train`: one phase of a registered method (what the DVC stages train@<method>-<phase> call).
 
-    persona train --stage 1|2 [--params params.yaml] [--max-steps N] [--fast-dev-run]
-                  [--resume auto|never|CKPT] [--set train.resolution=64 ...]
+    persona train --method M --phase P [--params params.yaml] [--max-steps N] [--fast-dev-run]
+                  [--resume auto|never|CKPT] [--set train.resolution=64 --set M.P.lr=1e-5 ...]
                   [--workers N [--use-gpu] [--cpus-per-worker C] [--address RAY_ADDRESS]]   Ray Train (DDP)
-    persona train submit --stage 1|2 [the options above]
+    persona train --stage N ...      a phase alias a method declares (e.g. --stage 1 for its first phase)
+    persona train --list             the registered methods and their phases
+    persona train submit --method M --phase P [the options above]
                   [--address http://HEAD:8265] [--no-wait] [--working-dir DIR|none] [--env K=V]  as a Ray Job
 
 `--workers N` (or train.cluster.workers) trains on N Ray Train workers (training/cluster.py);
@@ -23,7 +25,7 @@ def _parse_set(items: list[str]) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE (e.g. train_stage1.batch_size=4)")
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE (e.g. train.resolution=64 or METHOD.PHASE.batch_size=4)")
         out[key.strip()] = yaml.safe_load(value)  # 4 -> int, 1e-4 -> float, null -> None, [a] -> list
     return out
 
@@ -35,7 +37,8 @@ def job_command(args) -> list[str]:
 
     return job_entrypoint(
         "train", args,
-        options=("stage", "params", "resume", "max_steps", "workers", "cpus_per_worker", "storage_path"),
+        options=("method", "phase", "stage", "params", "resume", "max_steps", "workers", "cpus_per_worker",
+                 "storage_path"),
         repeated=("set",), flags=("fast_dev_run", "json", "use_gpu"),
     )
 
@@ -47,9 +50,27 @@ def _cmd_submit(args) -> int:
     return jobs.submit_command(args, job_command(args), "train", entrypoint_num_gpus=gpus)
 
 
+def _cmd_list() -> int:
+    from training import methods
+
+    for name in methods.names():
+        m = methods.get(name)
+        aliases = {v: k for k, v in m.stage_aliases.items()}
+        phases = ", ".join(f"{p}" + (f" (--stage {aliases[p]})" if p in aliases else "") for p in m.phases)
+        print(f"{name}: {phases}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from pipeline.jobs import is_submit
+    from training import methods
 
+    if args.list:
+        return _cmd_list()
+    try:
+        method, phase = methods.resolve(args.method, args.phase, args.stage)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"persona train: {e.args[0]}") from None
     if is_submit(args):
         return _cmd_submit(args)
     overrides = _parse_set(args.set)
@@ -64,16 +85,16 @@ def _cmd_train(args) -> int:
         if args.fast_dev_run:
             raise SystemExit("--fast-dev-run is for one local process: drop --workers (or set train.cluster.workers=0)")
 
-        res = train_distributed(args.params, args.stage, workers, args.use_gpu or None, max_steps=args.max_steps,
+        res = train_distributed(args.params, method.name, phase, workers, args.use_gpu or None, max_steps=args.max_steps,
                                 overrides=overrides, resume=args.resume, cpus_per_worker=args.cpus_per_worker,
                                 address=args.address, storage_path=args.storage_path)
     else:
         from training.train import train
 
-        res = train(args.params, args.stage, max_steps=args.max_steps, fast_dev_run=args.fast_dev_run,
+        res = train(args.params, method.name, phase, max_steps=args.max_steps, fast_dev_run=args.fast_dev_run,
                     overrides=overrides, resume=args.resume)
     if args.json:
-        keep = ("stage", "global_step", "adapter", "adapter_json", "run_id", "tracking_uri", "resumed_from",
+        keep = ("method", "phase", "global_step", "adapter", "adapter_json", "run_id", "tracking_uri", "resumed_from",
                 "metrics", "seconds")
         print(json.dumps({k: res.get(k) for k in keep}, indent=2, default=str))
     return 0
@@ -84,18 +105,21 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train",
-        help="train a W+ Adapter stage (Lightning; tracked in MLflow)",
-        description="Train W+ Adapter stage 1 (aligned faces) or 2 (in-the-wild, needs stage 1's adapter) on the "
-        "shards, with the train / train_stageN sections of the params file. Resumes from the last checkpoint "
-        "when the config and data are unchanged.",
+        help="train one phase of an identity-adapter method (Lightning; tracked in MLflow)",
+        description="Train one phase of a registered method (--list shows them) on the shards, with the train "
+        "section of the params file (train.methods.<method>.<phase>). A phase that starts from another one "
+        "reads that phase's adapter. Resumes from the last checkpoint when the config and data are unchanged.",
     )
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="training stage")
+    p.add_argument("--method", help="a registered method (--list shows them)")
+    p.add_argument("--phase", help="a phase of the method")
+    p.add_argument("--stage", help="a phase alias: N -> the phase of --method (or of the one method) declaring it")
+    p.add_argument("--list", action="store_true", help="list the registered methods and their phases")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--max-steps", type=int, default=None, help="override train_stageN.max_steps")
+    p.add_argument("--max-steps", type=int, default=None, help="override the phase's max_steps")
     p.add_argument("--fast-dev-run", action="store_true", help="one step, no MLflow / checkpoints (smoke test)")
     p.add_argument("--resume", default="auto", help="auto (default) | never | path to a .ckpt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params key, e.g. --set train.synthetic=16 (repeatable)")
+                   help="override a params key, e.g. --set train.synthetic=16 --set METHOD.PHASE.lr=1e-5 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     g = p.add_argument_group("scale-out (Ray Train / Ray Jobs)")
     g.add_argument("--workers", type=int, default=None,

@@ -1,8 +1,8 @@
-"""Distributed W+ Adapter training with Ray Train (`TorchTrainer` + Lightning DDP).
+"""Distributed training of any method phase with Ray Train (`TorchTrainer` + Lightning DDP).
 
-    train_distributed(params, stage, workers=2, use_gpu=False, ...)  -> dict (rank 0's result)
-    persona train --stage 1 --workers 2 [--use-gpu]                  (this, from the CLI)
-    persona train submit --stage 1 --address http://HEAD:8265      (the same command as a Ray Job)
+    train_distributed(params, method, phase, workers=2, use_gpu=False, ...)  -> dict (rank 0's result)
+    persona train --method M --phase P --workers 2 [--use-gpu]             (this, from the CLI)
+    persona train submit --method M --phase P --address http://HEAD:8265  (the same command as a Ray Job)
 
 Each Ray Train worker runs the ordinary `training.train.train(...)` with Ray's `RayDDPStrategy`,
 `RayLightningEnvironment`, `RayTrainReportCallback` and `prepare_trainer` passed through its hooks.
@@ -10,8 +10,9 @@ Data: worker r of W reads global samples g = (b * W + r) * B + i of step b (`tra
 so the ranks read disjoint samples and together cover what one process with batch W * B would read.
 Randomness (noise, timesteps, dropout, prompts, crops) is drawn per sample, keyed by its global
 position g, so W workers with batch B compute the gradient of one process with batch W * B (DDP
-averages the ranks' gradients = the gradient of the mean loss over the W * B samples); only Stage
-II's W+ shuffle augmentation permutes within each device's batch.
+averages the ranks' gradients = the gradient of the mean loss over the W * B samples), except where
+a loss draws per device batch (`StepContext.generator`, e.g. a shuffle within the batch) or mixes
+samples of the batch (e.g. a contrastive term).
 
 Fault tolerance: every `checkpoint_every` steps the Lightning checkpoint (adapter + optimizer +
 schedule + EMA) is reported to Ray Train (`ray.train.report`); when a worker dies, Ray Train restarts
@@ -111,9 +112,9 @@ def train_loop(config: dict) -> None:
         if rank != 0:  # MLflow from rank 0 only (no second run, no concurrent store migrations)
             overrides["train.mlflow.enabled"] = False
         tp = train_params(config["params"], overrides)
-        every = tp.stage(config["stage"]).checkpoint_every
+        every = tp.phase(config["method"], config["phase"]).checkpoint_every
         extra = [f() for f in config.get("callback_factories") or []]
-        res = train(config["params"], config["stage"], max_steps=config["max_steps"], overrides=overrides,
+        res = train(config["params"], config["method"], config["phase"], max_steps=config["max_steps"], overrides=overrides,
                     resume=resume,
                     trainer_kwargs={"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
                                     "devices": "auto"},
@@ -121,7 +122,7 @@ def train_loop(config: dict) -> None:
                     prepare_trainer=prepare_trainer)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    keep = ("stage", "global_step", "resumed_from", "adapter", "adapter_json", "run_id", "tracking_uri", "seconds")
+    keep = ("method", "phase", "global_step", "resumed_from", "adapter", "adapter_json", "run_id", "tracking_uri", "seconds")
     summary = {k: res.get(k) for k in keep}
     summary.update(resumed_from_step=(res.get("metrics") or {}).get("resumed_from_step"),
                    loss=(res.get("metrics") or {}).get("loss"), world_size=ctx.get_world_size(), done=True)
@@ -154,7 +155,8 @@ def _ensure_ray(address: Optional[str]) -> None:
 
 def train_distributed(
     params: Union[Params, Mapping[str, Any], str, os.PathLike, None] = None,
-    stage: int = 1,
+    method: Optional[str] = None,
+    phase: Optional[str] = None,
     workers: Optional[int] = None,
     use_gpu: Optional[bool] = None,
     *,
@@ -168,8 +170,9 @@ def train_distributed(
     max_failures: Optional[int] = None,
     name: Optional[str] = None,
     callback_factories: Sequence[Callable[[], Callback]] = (),
+    stage: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Train `stage` on `workers` Ray Train workers (DDP); returns rank 0's final metrics plus
+    """Train one method phase on `workers` Ray Train workers (DDP); returns rank 0's final metrics plus
     {"checkpoint": path of the last reported Ray checkpoint or None, "storage_path", "name"}.
 
     None arguments fall back to the `train.cluster` section. `callback_factories`: zero-argument
@@ -177,6 +180,9 @@ def train_distributed(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from training import methods
+
+    m, phase = methods.resolve(method, phase, stage)
     raw_params = params
     if isinstance(params, Params):
         raw_params = dict(params.extra)
@@ -193,21 +199,21 @@ def train_distributed(
         res["GPU"] = float(cc.gpus_per_worker if gpus_per_worker is None else gpus_per_worker)
     storage = str(Path(storage_path or cc.storage_path).resolve()) if "://" not in (storage_path or cc.storage_path) \
         else (storage_path or cc.storage_path)
-    name = name or f"wplus-stage{stage}"
+    name = name or f"{m.name}-{phase}"
     _ensure_ray(address or cc.address)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"params": raw_params, "stage": stage, "max_steps": max_steps,
+        train_loop_config={"params": raw_params, "method": m.name, "phase": phase, "max_steps": max_steps,
                            "overrides": dict(overrides or {}), "resume": resume,
                            "callback_factories": list(callback_factories)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=int(cc.max_failures if max_failures is None else max_failures)),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, tp.stage(stage).keep_last)),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, tp.phase(m.name, phase).keep_last)),
         ),
     )
-    log.info("Ray Train: stage %d on %d workers (%s per worker), storage %s/%s", stage, workers, res, storage, name)
+    log.info("Ray Train: %s.%s on %d workers (%s per worker), storage %s/%s", m.name, phase, workers, res, storage, name)
     result = trainer.fit()
     out: dict[str, Any] = {}
     if result.checkpoint is not None:
@@ -217,6 +223,6 @@ def train_distributed(
     if not out:
         out = dict(result.metrics or {})
     out.update(checkpoint=result.checkpoint.path if result.checkpoint else None, storage_path=storage, name=name)
-    print(f"[train_stage{stage}] distributed on {workers} workers: step {out.get('global_step')}, "
+    print(f"[train {m.name}.{phase}] distributed on {workers} workers: step {out.get('global_step')}, "
           f"adapter {out.get('adapter')}", flush=True)
     return out

@@ -1,14 +1,16 @@
-"""Training configuration: the `train`, `train_stage1`, `train_stage2` sections of params.yaml.
+"""Training configuration: the `train:` section of params.yaml.
 
-`pipeline.config.load_params` passes these sections through untouched (`Params.extra`); this module
-validates them strictly with `pipeline.config.build` (unknown keys and wrong types are errors).
+    train:            shared by every method and phase (base model, resolution, device, MLflow, paths, data)
+      runs:           the DVC training stages, `train@<key>`: {method, phase, after} (see dvc.yaml)
+      methods:
+        <method>:     validated by the method's own dataclass (`Method.config`): its options (e.g. the
+          <phase>:    conditioner's) and one subsection per phase (`PhaseConfig` keys + the phase's own)
 
-    train:          shared by both stages (base model, resolution, device, MLflow, paths, data)
-    train_stage1:   Stage I  (aligned faces + neutral prompts; WProj + W+ attention trained)
-    train_stage2:   Stage II (in-the-wild crops + captions + masks; WProj frozen; rec + dis + reg)
-
-`overrides` are dotted keys applied to the raw sections before validation, e.g.
-{"train.resolution": 64, "train_stage1.max_steps": 5} (what `persona train --set` passes).
+`pipeline.config.load_params` passes the section through untouched (`Params.extra`); this module
+validates it strictly with `pipeline.config.build` (unknown keys and wrong types are errors).
+`overrides` are dotted keys applied to the raw section before validation, e.g.
+{"train.resolution": 64, "<method>.<phase>.max_steps": 5} (a key starting with a registered
+method's name means `train.methods.<key>`; what `persona train --set` passes).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pipeline.config import ConfigError, Params, build, load_params, to_dict
+from training.methods.base import NON_TRAJECTORY_PHASE, PhaseConfig, phase_configs
 
-SECTIONS = ("train", "train_stage1", "train_stage2")
+SECTION = "train"
 
 
 @dataclass
@@ -43,18 +46,19 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlruns.db"
     registry_uri: Optional[str] = None  # null -> tracking_uri
     artifact_location: str = "mlartifacts"  # for a NEW experiment; a local path is made absolute
-    experiment: str = "persona-wplus"
-    run_name: Optional[str] = None  # null -> "wplus-stage<N>"
+    experiment: str = "persona-{method}"  # {method} is replaced by the method's name
+    run_name: Optional[str] = None  # null -> "<method>-<phase>"
 
 
 @dataclass
 class SamplingConfig:
-    """The sample grid logged during training (DDIM, classifier-free guidance)."""
+    """The sample grid logged during training (diffusers pipeline, classifier-free guidance)."""
 
-    num_faces: int = 4  # val faces whose W+ codes condition the grid
-    steps: int = 10  # DDIM steps (paper inference: 50)
+    num_faces: int = 4  # val faces whose conditioner inputs condition the grid
+    steps: int = 10  # sampler steps (paper inference: 50)
     guidance: float = 7.5
-    seed: int = 1234  # initial noise (fixed, so grids of different steps are comparable)
+    seed: int = 1234  # initial noise of face i: seed + i (fixed, so grids of different steps are comparable)
+    scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
 
 
 @dataclass
@@ -62,7 +66,8 @@ class ClusterConfig:
     """`train.cluster:` Ray Train scale-out (`persona train --workers N`; 0 workers = one local process).
 
     Not part of the run signature: note that N workers x batch_size is a different trajectory from
-    one process (per-rank RNG streams), so do not mix layouts when resuming from local checkpoints."""
+    one process where a loss draws per device batch (e.g. a shuffle within the batch), so do not mix
+    layouts when resuming from local checkpoints."""
 
     workers: int = 0  # Ray Train workers (DDP ranks); 0 = plain single-process `train()`
     use_gpu: bool = False
@@ -72,6 +77,15 @@ class ClusterConfig:
     storage_path: str = "ray_results"  # Ray Train checkpoints/results (shared storage on multi-node clusters)
     max_failures: int = 1  # worker-group restarts from the last reported checkpoint
     dashboard: Optional[str] = None  # `persona train --submit`: the head's dashboard (null: $RAY_API_SERVER_ADDRESS)
+
+
+@dataclass
+class RunSpec:
+    """One DVC training stage (`train@<key>` in dvc.yaml)."""
+
+    method: str
+    phase: str
+    after: str = "data/shards"  # what the phase starts from (a DVC dependency: the shards, or a phase's output)
 
 
 @dataclass
@@ -85,97 +99,65 @@ class TrainConfig:
     precision: Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed"] = "auto"  # auto: bf16/16-mixed on GPU, 32 on CPU
     frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen UNet/VAE/text encoder; auto follows precision
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    out_dir: str = "models/wplus"  # <out_dir>/stage<N>/adapter.safetensors + adapter.json
-    checkpoints_dir: str = "checkpoints/wplus"  # <checkpoints_dir>/stage<N>/*.ckpt (Lightning, for resume)
-    metrics_dir: str = "metrics"  # <metrics_dir>/train_stage<N>.json
-    plots_dir: str = "plots"  # <plots_dir>/train_stage<N>.csv (+ _samples.png)
+    out_dir: str = "models"  # <out_dir>/<method>/<phase>/adapter.safetensors + adapter.json
+    checkpoints_dir: str = "checkpoints"  # <checkpoints_dir>/<method>/<phase>/*.ckpt (Lightning, for resume)
+    metrics_dir: str = "metrics"  # <metrics_dir>/train_<method>_<phase>.json
+    plots_dir: str = "plots"  # <plots_dir>/train_<method>_<phase>.csv (+ _samples.png)
     shards: str = "data/shards"  # shards folder (index.json, train/, val/)
     synthetic: int = 0  # > 0: train on this many in-memory synthetic samples instead of the shards
     num_workers: int = 2  # DataLoader workers (0 = in the main process)
+    jpeg_draft: bool = False  # decode JPEG members at about the training resolution (Phase.decode_sizes; faster, other pixels)
     threads: int = 0  # torch CPU threads; 0 = auto: 1 for the tiny preset on CPU (its ops are too small to split)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dvc_lock: str = "dvc.lock"  # where the shards' hash is looked up (lineage)
     shards_stage: str = "shards"  # DVC stage whose `shards` out is the data
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # Ray Train (training/cluster.py)
-
-
-@dataclass
-class DropoutConfig:
-    """Condition dropout for classifier-free guidance (one draw per sample, exclusive cases)."""
-
-    image: float = 0.05
-    text: float = 0.05
-    both: float = 0.05
-
-
-@dataclass
-class ImageAugConfig:
-    """Stage II in-the-wild augmentation: colour jitter, rotation, square crops keeping the whole face."""
-
-    brightness: float = 0.2  # factor uniform in [1 - b, 1 + b]
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.0  # shift in turns, uniform in [-h, h] (the authors used 0)
-    rotation: float = 10.0  # degrees, uniform in [-r, r]; a rotation that cuts the face is undone
-    min_crop_scale: float = 0.6  # crop side >= this * image side where the face allows it
-    min_face_fraction: float = 0.15  # face box side >= this * crop side (small faces get tighter crops)
-
-
-@dataclass
-class StageConfig:
-    """`train_stage1:` (and the common part of `train_stage2:`)."""
-
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # per device
-    accumulate: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant
-    grad_clip: float = 1.0  # max grad norm; 0 = off
-    dropout: DropoutConfig = field(default_factory=DropoutConfig)
-    log_every: int = 10  # steps between logged metrics
-    sample_every: int = 500  # steps between sample grids (0: only at the end)
-    checkpoint_every: int = 500  # steps between Lightning checkpoints
-    keep_last: int = 3  # checkpoints kept (plus last.ckpt)
-    ema: float = 0.0  # EMA decay of the adapter weights (0 = off); the exported adapter is the EMA
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class Stage2Config(StageConfig):
-    """`train_stage2:` Stage I keys plus the Stage II objective and augmentation."""
-
-    init: Optional[str] = None  # Stage I adapter; null -> <out_dir>/stage1/adapter.safetensors
-    l_dis: float = 1.5
-    l_reg: float = 1.0
-    augment: Literal["shuffle", "noise", "both"] = "both"  # W+ augmentation for the disentanglement loss
-    noise_sigma: float = 1.0  # Gaussian noise on W+ (W+ units)
-    image_aug: ImageAugConfig = field(default_factory=ImageAugConfig)
+    runs: dict[str, RunSpec] = field(default_factory=dict)  # DVC training stages (dvc.yaml foreach)
+    methods: dict[str, Any] = field(default_factory=dict)  # per method: validated by the method's dataclass
 
 
 @dataclass
 class TrainParams:
-    """The three validated sections."""
+    """The validated `train:` section and the method sections built from it."""
 
     train: TrainConfig
-    stage1: StageConfig
-    stage2: Stage2Config
+    method_configs: dict[str, Any]
 
-    def stage(self, n: int) -> StageConfig:
-        if n == 1:
-            return self.stage1
-        if n == 2:
-            return self.stage2
-        raise ValueError(f"stage must be 1 or 2, got {n!r}")
+    def method(self, name: str) -> Any:
+        """The built `train.methods.<name>` section (defaults when params do not have it)."""
+        if name not in self.method_configs:
+            from training import methods
+
+            self.method_configs[name] = build(methods.get(name).config, {}, f"train.methods.{name}")
+        return self.method_configs[name]
+
+    def phase(self, method: str, phase: str) -> PhaseConfig:
+        cfg = getattr(self.method(method), phase, None)
+        if not isinstance(cfg, PhaseConfig):
+            raise ConfigError(f"train.methods.{method}: no phase '{phase}'")
+        return cfg
 
     def as_dict(self) -> dict:
-        return {"train": to_dict(self.train), "train_stage1": to_dict(self.stage1), "train_stage2": to_dict(self.stage2)}
+        d = to_dict(self.train)
+        d["methods"] = {k: to_dict(v) for k, v in self.method_configs.items()}
+        return d
+
+
+def expand_key(key: str) -> str:
+    """'<method>.<phase>.lr' -> 'train.methods.<method>.<phase>.lr' (a registered method's name first);
+    'train....' unchanged; anything else is an error."""
+    head = key.split(".", 1)[0]
+    if head == SECTION:
+        return key
+    from training import methods
+
+    if head in methods.names():
+        return f"{SECTION}.methods.{key}"
+    raise ConfigError(f"override '{key}': must start with 'train.' or a method name ({', '.join(methods.names())})")
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if parts[0] not in SECTIONS:
-        raise ConfigError(f"override '{key}': must start with one of {', '.join(SECTIONS)}")
+    parts = expand_key(key).split(".")[1:]
     cur = d
     for p in parts[:-1]:
         nxt = cur.get(p)
@@ -187,7 +169,22 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def validate_phase(where: str, s: PhaseConfig) -> None:
+    """The generic checks of a phase config."""
+    if s.max_steps < 1 or s.batch_size < 1 or s.accumulate < 1:
+        raise ConfigError(f"{where}: max_steps, batch_size and accumulate must be >= 1")
+    if s.log_every < 1 or s.checkpoint_every < 1 or s.keep_last < 1 or s.sample_every < 0 or s.warmup_steps < 0:
+        raise ConfigError(f"{where}: log_every, checkpoint_every, keep_last >= 1; sample_every, warmup_steps >= 0")
+    if not 0.0 <= s.ema < 1.0:
+        raise ConfigError(f"{where}.ema: decay must be in [0, 1), got {s.ema}")
+    d = s.dropout
+    if min(d.image, d.text, d.both) < 0 or d.image + d.text + d.both > 1:
+        raise ConfigError(f"{where}.dropout: probabilities must be >= 0 and sum to <= 1")
+
+
 def _validate(tp: TrainParams) -> TrainParams:
+    from training import methods
+
     t = tp.train
     if t.resolution < 8 or t.resolution % 8:
         raise ConfigError(f"train.resolution: must be a positive multiple of 8, got {t.resolution}")
@@ -199,19 +196,17 @@ def _validate(tp: TrainParams) -> TrainParams:
         raise ConfigError("train.sampling.num_faces and steps must be >= 1")
     if t.base_model.path is None and t.base_model.preset is None:
         raise ConfigError("train.base_model: give a path or a preset (tiny | sd15)")
-    for name, s in (("train_stage1", tp.stage1), ("train_stage2", tp.stage2)):
-        if s.max_steps < 1 or s.batch_size < 1 or s.accumulate < 1:
-            raise ConfigError(f"{name}: max_steps, batch_size and accumulate must be >= 1")
-        if s.log_every < 1 or s.checkpoint_every < 1 or s.keep_last < 1 or s.sample_every < 0 or s.warmup_steps < 0:
-            raise ConfigError(f"{name}: log_every, checkpoint_every, keep_last >= 1; sample_every, warmup_steps >= 0")
-        if not 0.0 <= s.ema < 1.0:
-            raise ConfigError(f"{name}.ema: decay must be in [0, 1), got {s.ema}")
-        d = s.dropout
-        if min(d.image, d.text, d.both) < 0 or d.image + d.text + d.both > 1:
-            raise ConfigError(f"{name}.dropout: probabilities must be >= 0 and sum to <= 1")
-    a = tp.stage2.image_aug
-    if not (0 < a.min_crop_scale <= 1 and 0 <= a.min_face_fraction <= 1):
-        raise ConfigError("train_stage2.image_aug: min_crop_scale in (0, 1], min_face_fraction in [0, 1]")
+    for key, run in t.runs.items():
+        try:
+            methods.get(run.method).phase(run.phase)
+        except KeyError as e:
+            raise ConfigError(f"train.runs.{key}: {e.args[0]}") from None
+    for name, cfg in tp.method_configs.items():
+        for phase, pc in phase_configs(methods.get(name), cfg).items():
+            validate_phase(f"train.methods.{name}.{phase}", pc)
+        check = getattr(cfg, "validate", None)
+        if check is not None:
+            check()
     return tp
 
 
@@ -219,25 +214,29 @@ def train_params(
     params: Union[Params, Mapping[str, Any], str, Path, None] = None,
     overrides: Optional[Mapping[str, Any]] = None,
 ) -> TrainParams:
-    """Validate the training sections of `params` (a Params, a raw dict, or a params.yaml path;
-    None = defaults) with dotted `overrides` applied first."""
+    """Validate the `train:` section of `params` (a Params, a raw params dict, or a params.yaml
+    path; None = defaults) with dotted `overrides` applied first."""
+    from training import methods
+
     if params is None:
         raw: dict = {}
     elif isinstance(params, Params):
-        raw = copy.deepcopy(params.extra)
+        raw = copy.deepcopy(params.extra.get(SECTION) or {})
     elif isinstance(params, (str, Path)):
-        raw = copy.deepcopy(load_params(params).extra)
+        raw = copy.deepcopy(load_params(params).extra.get(SECTION) or {})
     else:
-        raw = copy.deepcopy(dict(params))
-    raw = {k: (raw.get(k) or {}) for k in SECTIONS}
+        raw = copy.deepcopy(dict(params).get(SECTION) or {})
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
-    tp = TrainParams(
-        train=build(TrainConfig, raw["train"], "train"),
-        stage1=build(StageConfig, raw["train_stage1"], "train_stage1"),
-        stage2=build(Stage2Config, raw["train_stage2"], "train_stage2"),
-    )
-    return _validate(tp)
+    t = build(TrainConfig, raw, SECTION)
+    built = {}
+    for name, section in t.methods.items():
+        try:
+            m = methods.get(name)
+        except KeyError as e:
+            raise ConfigError(f"train.methods.{name}: {e.args[0]}") from None
+        built[name] = build(m.config, section, f"train.methods.{name}")
+    return _validate(TrainParams(train=t, method_configs=built))
 
 
 def flat_params(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -255,15 +254,22 @@ def flat_params(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 # Keys that cannot change the trained weights (excluded from the run signature, so changing them,
 # or raising max_steps, still resumes from the existing checkpoints).
-_NON_TRAJECTORY_TRAIN = ("mlflow", "out_dir", "checkpoints_dir", "metrics_dir", "plots_dir", "num_workers",
-                         "threads", "sampling", "dvc_lock", "shards_stage", "cluster")
-_NON_TRAJECTORY_STAGE = ("max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last")
+NON_TRAJECTORY_TRAIN = ("mlflow", "out_dir", "checkpoints_dir", "metrics_dir", "plots_dir", "num_workers",
+                        "threads", "sampling", "dvc_lock", "shards_stage", "cluster", "runs", "methods")
 
 
-def run_signature(tp: TrainParams, stage: int, *extra: Any) -> str:
-    """Hash of everything that determines the weight trajectory of `stage` (+ extra, e.g. data ids)."""
-    t = {k: v for k, v in to_dict(tp.train).items() if k not in _NON_TRAJECTORY_TRAIN}
-    s = {k: v for k, v in to_dict(tp.stage(stage)).items() if k not in _NON_TRAJECTORY_STAGE}
-    blob = json.dumps({"stage": stage, "train": t, "stage_cfg": s, "extra": [str(e) for e in extra]},
-                      sort_keys=True, default=str)
+def method_options(tp: TrainParams, method: str) -> dict:
+    """The method's own options: its section minus the phase subsections."""
+    from training import methods
+
+    phases = set(methods.get(method).phases)
+    return {k: v for k, v in to_dict(tp.method(method)).items() if k not in phases}
+
+
+def run_signature(tp: TrainParams, method: str, phase: str, *extra: Any) -> str:
+    """Hash of everything that determines the weight trajectory of a phase (+ extra, e.g. data ids)."""
+    t = {k: v for k, v in to_dict(tp.train).items() if k not in NON_TRAJECTORY_TRAIN}
+    s = {k: v for k, v in to_dict(tp.phase(method, phase)).items() if k not in NON_TRAJECTORY_PHASE}
+    blob = json.dumps({"method": method, "phase": phase, "train": t, "options": method_options(tp, method),
+                       "phase_cfg": s, "extra": [str(e) for e in extra]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -2,11 +2,19 @@
 
 Evaluation set: the labeled faces of the shards' `split` (default val; identity-disjoint from
 training), identities sorted by name, at most `max_identities`, the first `faces_per_identity`
-faces (by key) of each. A face's W+ code is its shard `wplus.npy`, its reference image `face.jpg`.
-Each face x each prompt x `num_images` seeds is generated with the adapter (DDIM, CFG, lambda,
-delay: the `generate` code path, batched). The evaluation-set id hashes the faces, the protocol
-(prompts, seeds, steps, guidance, lambda, delay, size) and the scoring models, so two results are
-comparable exactly when their ids are equal (the registry's promotion gate checks this).
+faces (by key) of each, read with the one shard reader (`pipeline.shard_reader`). Any method:
+a face's conditioner inputs are the method's `inputs(references)` of its shard members (the face
+itself, or its first `references` faces of the same identity), its reference image `face.jpg`.
+Each face x each prompt x `num_images` seeds is generated with the adapter (the `generate` code
+path: diffusers pipeline, scheduler, CFG, lambda, delay; batched). The evaluation-set id hashes the
+faces, their conditioner inputs, the protocol (prompts, seeds, scheduler, steps, guidance, lambda,
+delay, size, references) and the scoring models, so two results are comparable exactly when their
+ids are equal (the registry's promotion gate checks this).
+
+Output paths may hold "{method}" (filled with the adapter's method). Generated images go to
+`images_out/<identity slug>/<key slug>-pNN-seedS.png`: identities and keys come from shard
+metadata, so they are made into safe file names (`slug`) and every path is checked to stay inside
+`images_out` (`contained`).
 
 Metrics (every entry is {"value": number | null, "n": count, ...}; one that cannot be computed has
 "value": null and "missing": "<reason>", never a made-up number):
@@ -28,8 +36,8 @@ Metrics (every entry is {"value": number | null, "n": count, ...}; one that cann
 
 Reference embeddings: ArcFace of `face.jpg` aligned with the shard's `landmarks_aligned`; the
 shard's `id.npy` when those landmarks are unusable. Generated images: the largest detected face
-(params `align.detector`) with dense landmarks (the align stage's rule: a MediaPipe detection whose
-face mesh fails is not a face), ArcFace-aligned from its 5 landmarks.
+with real landmarks (`training.references.largest_face`, params `align.detector`), ArcFace-aligned
+from its 5 landmarks.
 
 Outputs: `metrics_out` (DVC metrics JSON), `grid_out` (reference | generated per prompt, one row
 per face), the images under `images_out`, and MLflow: metrics `eval.<name>` + tags + the two files
@@ -41,7 +49,6 @@ are then the honest values.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -50,11 +57,13 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
 from pipeline.config import ConfigError, Params, build
+from pipeline.devices import resolve_device
+from training.references import largest_face
 
 log = logging.getLogger("persona.evaluate")
 
@@ -90,14 +99,17 @@ class EvalMlflowConfig:
 
 @dataclass
 class EvaluateConfig:
-    adapter: str = "models/wplus/stage2"  # folder with adapter.json, or models:/<name>@<alias>
+    adapter: Optional[str] = None  # folder with adapter.json, or models:/<name>@<alias> (wins over `adapters`)
+    adapters: dict[str, str] = field(default_factory=dict)  # method -> its adapter (`persona evaluate --method M`; DVC foreach)
     shards: str = "data/shards"
     split: str = "val"
     max_identities: int = 8
     faces_per_identity: int = 1
+    references: int = 1  # faces of the identity given to the method as references (the evaluated face first)
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     num_images: int = 1  # seeds per face x prompt
     seed: int = 0
+    scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
     steps: int = 25
     guidance: float = 7.5
     scale: float = 1.0  # lambda
@@ -112,9 +124,9 @@ class EvaluateConfig:
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     fid_inception: Optional[str] = None  # torchvision inception_v3 ImageNet state_dict
     control: ControlConfig = field(default_factory=ControlConfig)
-    metrics_out: str = "metrics/evaluate.json"
-    grid_out: str = "plots/evaluate_grid.png"
-    images_out: str = "eval/images"
+    metrics_out: str = "metrics/evaluate_{method}.json"
+    grid_out: str = "plots/evaluate_{method}_grid.png"
+    images_out: str = "eval/{method}/images"
     grid_tile: int = 128
     mlflow: EvalMlflowConfig = field(default_factory=EvalMlflowConfig)
 
@@ -127,12 +139,58 @@ def evaluate_config(params: Params | Mapping[str, Any] | None = None, overrides:
     cfg = build(EvaluateConfig, raw, "evaluate")
     if not cfg.prompts:
         raise ConfigError("evaluate.prompts: give at least one prompt")
-    for k in ("max_identities", "faces_per_identity", "num_images", "steps", "batch_size", "grid_tile"):
+    for k in ("max_identities", "faces_per_identity", "references", "num_images", "steps", "batch_size", "grid_tile"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"evaluate.{k} must be >= 1")
     if cfg.delay_steps < 0:
         raise ConfigError("evaluate.delay_steps must be >= 0")
     return cfg
+
+
+def adapter_for(cfg: EvaluateConfig, method: Optional[str] = None) -> str:
+    """The adapter to evaluate: `adapter`, else `adapters[method]` (or the only entry of `adapters`)."""
+    if cfg.adapter:
+        return cfg.adapter
+    if method is not None:
+        if method not in cfg.adapters:
+            raise ConfigError(f"evaluate.adapters has no entry for method '{method}' (has: {sorted(cfg.adapters)})")
+        return cfg.adapters[method]
+    if len(cfg.adapters) == 1:
+        return next(iter(cfg.adapters.values()))
+    raise ConfigError("evaluate: give --adapter, or --method M with evaluate.adapters[M]")
+
+
+def for_method(cfg: EvaluateConfig, method: str) -> EvaluateConfig:
+    """The config with "{method}" filled in in its output paths."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: getattr(cfg, k).replace("{method}", method)
+                                       for k in ("metrics_out", "grid_out", "images_out")})
+
+
+# ============================================================================================
+# file names from shard metadata
+
+
+def slug(text: str, max_len: int = 64) -> str:
+    """A safe single path component for an identity or key from shard metadata: [A-Za-z0-9._-]
+    only, no leading dot; when anything had to change (or it is too long), a short hash of the
+    original is appended so different names never collide."""
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).lstrip("._")[:max_len]
+    if s != str(text) or not s:
+        s = f"{s or 'x'}-{hashlib.sha256(str(text).encode()).hexdigest()[:8]}"
+    return s
+
+
+def contained(root: Path, *parts: str) -> Path:
+    """root / parts, refused (ValueError) unless it stays inside root."""
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"refusing to write {path}: outside the output folder {base}")
+    return path
 
 
 # ============================================================================================
@@ -159,16 +217,6 @@ def numeric_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float
 
 # ============================================================================================
 # faces: detection + ArcFace
-
-
-def _largest(faces: list) -> Any:
-    """The largest face with real landmarks. MediaPipe detections whose face mesh failed
-    (`landmarks_source == "detector"`) do not count: the align stage rejects them too
-    (`no_landmarks`), and on noise images they are false positives."""
-    faces = [f for f in faces if getattr(f, "landmarks_source", "") != "detector"]
-    if not faces:
-        return None
-    return max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
 
 
 def usable_lm5(lm5: Any, min_eye_distance: float = 4.0) -> Optional[np.ndarray]:
@@ -218,7 +266,7 @@ class FaceScorer:
         idx, crops_img, lms = [], [], []
         for i, im in enumerate(images):
             rgb = np.ascontiguousarray(im[..., :3]).astype(np.uint8)
-            face = _largest(self.detector.detect(rgb))
+            face = largest_face(self.detector.detect(rgb))
             lm = None if face is None else usable_lm5(face.lm5, 1.0)
             if lm is not None:
                 idx.append(i)
@@ -308,57 +356,40 @@ class EvalFace:
     key: str
     identity: str
     face: np.ndarray  # aligned face (H, W, 3) uint8
-    wplus: Optional[np.ndarray]  # (18, 512) float32 (None when the shard has no wplus.npy)
     meta: dict
+    sample: dict  # the decoded shard members read (the method's `needs`, face.jpg, id.npy, json)
     id_emb: Optional[np.ndarray] = None  # shard id.npy
 
 
-def _raw_samples(shards: str | os.PathLike, split: str) -> Iterable[dict]:
-    from pipeline.shards import make_dataset
-
-    try:
-        ds = make_dataset(shards, split=split, decode=False, shuffle=0, shardshuffle=False)
-    except ValueError:  # no shards for this split
-        return []
-    return ds
-
-
-def _npy(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
-
-
-def _decode_face(s: dict) -> EvalFace:
-    from pipeline.images import decode_image
-
-    meta = json.loads(s["json"])
-    face = decode_image(s["face.jpg"])
-    if face.ndim == 2:
-        face = np.stack([face] * 3, -1)
-    return EvalFace(key=s["__key__"], identity=str(meta["identity"]), face=np.ascontiguousarray(face[..., :3]),
-                    wplus=_npy(s["wplus.npy"]).astype(np.float32) if "wplus.npy" in s else None, meta=meta,
-                    id_emb=_npy(s["id.npy"]).astype(np.float32) if "id.npy" in s else None)
-
-
 def labeled_faces(shards: str | os.PathLike, splits: Sequence[str], max_identities: int, max_per_identity: int,
-                  need_wplus: bool = False) -> list[EvalFace]:
-    """The first `max_per_identity` faces (by key) of the first `max_identities` identities (by name)."""
-    by_id: dict[str, list[tuple[str, dict]]] = {}
+                  need: Sequence[str] = ()) -> list[EvalFace]:
+    """The first `max_per_identity` faces (by key) of the first `max_identities` identities (by
+    name) among the faces holding `need` (+ face.jpg, json), read with the one shard reader."""
+    from pipeline.shard_reader import ShardIndex, shard_urls
+
+    members = tuple(dict.fromkeys(("face.jpg", "json", *need)))
+    by_id: dict[str, list[tuple[str, ShardIndex, int]]] = {}
     for split in splits:
-        for s in _raw_samples(shards, split):
-            if "json" not in s or "face.jpg" not in s or (need_wplus and "wplus.npy" not in s):
-                continue
-            ident = json.loads(s["json"]).get("identity")
-            if ident in (None, ""):
-                continue
-            lst = by_id.setdefault(str(ident), [])
-            lst.append((s["__key__"], s))
-            if len(lst) > max_per_identity:  # keep the smallest keys, bounded memory
-                lst.sort(key=lambda t: t[0])
-                lst.pop()
+        try:
+            urls = shard_urls(shards, split)
+        except ValueError:
+            urls = []
+        if not urls:
+            continue
+        index = ShardIndex(urls, members)
+        for i in range(len(index)):
+            ident = index.identity(i)
+            if ident is not None:
+                by_id.setdefault(ident, []).append((index.key(i), index, i))
     out = []
     for ident in sorted(by_id)[:max_identities]:
-        for _, s in sorted(by_id[ident], key=lambda t: t[0])[:max_per_identity]:
-            out.append(_decode_face(s))
+        for key, index, i in sorted(by_id[ident], key=lambda t: t[0])[:max_per_identity]:
+            s = index.get(i, (*members, "id.npy"))
+            face = s["face.jpg"]
+            if face.ndim == 2:
+                face = np.stack([face] * 3, -1)
+            out.append(EvalFace(key=key, identity=ident, face=np.ascontiguousarray(face[..., :3]), meta=s["json"],
+                                sample=s, id_emb=np.asarray(s["id.npy"], np.float32) if "id.npy" in s else None))
     return out
 
 
@@ -411,14 +442,6 @@ def _folder_fingerprint(path: Path) -> str:
     return text_fingerprint(*[(p.relative_to(path).as_posix(), file_fingerprint(p)) for p in sorted(path.rglob("*")) if p.is_file()])
 
 
-def _torch_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def clip_t(images: Sequence[np.ndarray], prompts: Sequence[str], folder: Optional[str], device: str = "auto",
            batch_size: int = 16) -> dict:
     """Mean CLIP cosine(image, prompt) with a local CLIP folder (missing without one)."""
@@ -433,7 +456,7 @@ def clip_t(images: Sequence[np.ndarray], prompts: Sequence[str], folder: Optiona
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     model = CLIPModel.from_pretrained(str(p), local_files_only=True).to(dev).eval()
     proc = CLIPProcessor.from_pretrained(str(p), local_files_only=True)
     sims = []
@@ -495,7 +518,7 @@ def lpips_metric(refs: Sequence[np.ndarray], gens: Sequence[np.ndarray], backbon
         return missing("no generated images", lower_is_better=True)
     import torch
 
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     m = load_lpips(backbone, net).to(dev)
     with torch.no_grad():
         d = m(_to_tensor(refs, size).to(dev) * 2 - 1, _to_tensor(gens, size).to(dev) * 2 - 1).flatten().cpu().numpy()
@@ -549,7 +572,7 @@ def load_inception(weights: str, device: str = "auto"):
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     net.fc = torch.nn.Identity()
-    return net.to(_torch_device(device)).eval()
+    return net.to(resolve_device(device)).eval()
 
 
 def inception_features(images: Sequence[np.ndarray], net: Any, batch_size: int = 16) -> np.ndarray:
@@ -660,15 +683,18 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
 # the evaluation
 
 
-def eval_set_id(faces: Sequence[EvalFace], cfg: EvaluateConfig, size: int, scorer_models: Mapping[str, Any]) -> str:
+def eval_set_id(faces: Sequence[EvalFace], inputs: Sequence[Mapping[str, np.ndarray]], cfg: EvaluateConfig, size: int,
+                scorer_models: Mapping[str, Any]) -> str:
+    """Hash of the faces, their conditioner inputs, the protocol and the scoring models."""
     h = hashlib.sha256()
-    for f in faces:
+    for f, inp in zip(faces, inputs):
         h.update(f"{f.key}\x00{f.identity}\x00".encode())
-        h.update(np.ascontiguousarray(f.wplus, dtype=np.float32).tobytes())
+        for name in sorted(inp):
+            h.update(f"{name}\x00".encode() + np.ascontiguousarray(inp[name], dtype=np.float32).tobytes())
     proto = {"split": cfg.split, "prompts": list(cfg.prompts), "num_images": cfg.num_images, "seed": cfg.seed,
-             "steps": cfg.steps, "guidance": cfg.guidance, "scale": cfg.scale, "delay_steps": cfg.delay_steps,
-             "negative_prompt": cfg.negative_prompt, "size": size,
-             "scorers": {k: v.get("fingerprint") for k, v in scorer_models.items()}}
+             "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": cfg.guidance, "scale": cfg.scale,
+             "delay_steps": cfg.delay_steps, "negative_prompt": cfg.negative_prompt, "size": size,
+             "references": cfg.references, "scorers": {k: v.get("fingerprint") for k, v in scorer_models.items()}}
     h.update(json.dumps(proto, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -691,11 +717,23 @@ def evaluate(
 
     t0 = time.perf_counter()
     params = params or Params()
-    gen = generator or Generator.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
+    gen = generator or Generator.load(adapter_for(cfg), device=cfg.device, dtype=cfg.dtype)
+    method = gen.method
+    cfg = for_method(cfg, method.name)
     size = int(cfg.resolution or gen.default_size)
-    faces = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, cfg.faces_per_identity, need_wplus=True)
-    if not faces:
-        raise RuntimeError(f"no labeled faces with W+ codes in split '{cfg.split}' of {cfg.shards}")
+    loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
+                           need=method.needs)
+    if not loaded:
+        raise RuntimeError(f"no labeled faces with {', '.join(method.needs) or 'faces'} in split '{cfg.split}' of {cfg.shards}")
+    by_id: dict[str, list[EvalFace]] = {}
+    for f in loaded:
+        by_id.setdefault(f.identity, []).append(f)
+    faces, inputs = [], []
+    for ident, group in by_id.items():
+        for j, f in enumerate(group[:cfg.faces_per_identity]):
+            refs = [f] + [g for g in group if g is not f][:cfg.references - 1]
+            faces.append(f)
+            inputs.append(method.inputs([r.sample for r in refs]))
     own_scorer = scorer is None
     scorer = scorer or FaceScorer.load(params)
     try:
@@ -704,9 +742,10 @@ def evaluate(
         images: list[np.ndarray] = []
         for s in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[s:s + cfg.batch_size]
-            images.extend(gen.sample(np.stack([faces[fi].wplus for fi, _, _ in chunk]), [cfg.prompts[pi] for _, pi, _ in chunk],
-                                     [seed for _, _, seed in chunk], negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                                     guidance=cfg.guidance, scale=cfg.scale, delay_steps=cfg.delay_steps, height=size, width=size))
+            images.extend(gen.sample([[inputs[fi]] for fi, _, _ in chunk], [cfg.prompts[pi] for _, pi, _ in chunk],
+                                     [seed for _, _, seed in chunk], scheduler=cfg.scheduler,
+                                     negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
+                                     scale=cfg.scale, delay_steps=cfg.delay_steps, height=size, width=size))
         gen_embs = scorer.detect_embed(images)
         control = control_from_shards(cfg.shards, scorer, cfg.control) if cfg.control.enabled else None
         scorer_models = scorer.models
@@ -723,11 +762,11 @@ def evaluate(
             sims.append(sim)
             if ge is not None:
                 sims_det.append(sim)
-        rel = f"{f.identity}/{f.key}-p{pi:02d}-seed{seed}.png"
-        (img_dir / f.identity).mkdir(parents=True, exist_ok=True)
-        (img_dir / rel).write_bytes(encode_png(img))
+        path = contained(img_dir, slug(f.identity), f"{slug(f.key)}-p{pi:02d}-seed{seed}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(img))
         samples.append({"identity": f.identity, "key": f.key, "prompt": cfg.prompts[pi], "prompt_index": pi, "seed": seed,
-                        "file": str(img_dir / rel), "face_detected": ge is not None,
+                        "file": str(path), "face_detected": ge is not None,
                         "identity_similarity": None if sim is None else round(sim, 6)})
     n = len(images)
     detected = sum(1 for e in gen_embs if e is not None)
@@ -753,22 +792,26 @@ def evaluate(
     weights = dict(gen.weights_real)
     for name, info in scorer_models.items():
         weights[f"scorer.{name}"] = bool(info.get("weights_real"))
-    wplus_real = {bool(((f.meta.get("models") or {}).get("wplus") or {}).get("weights_real", False)) for f in faces}
-    weights["shards.wplus_encoder"] = all(wplus_real)
+    for f in faces:  # the models that made the shard members (a model counts as real only if every face says so)
+        for stage, m in (f.meta.get("models") or {}).items():
+            if m:
+                weights[f"shards.{stage}"] = weights.get(f"shards.{stage}", True) and bool(m.get("weights_real"))
     random_names = sorted(k for k, v in weights.items() if not v)
     real = not random_names
 
-    eid = eval_set_id(faces, cfg, size, scorer_models)
+    eid = eval_set_id(faces, inputs, cfg, size, scorer_models)
     results = {
         "format": FORMAT,
         "weights_real": real,
         "random_weights": random_names,
+        "method": method.name,
         "adapter": gen.resolved.as_record(),
         "base_model": gen.base,
         "eval_set": {"id": eid, "shards": str(cfg.shards), "split": cfg.split, "identities": sorted({f.identity for f in faces}),
                      "faces": [f.key for f in faces], "prompts": list(cfg.prompts), "num_images": cfg.num_images,
-                     "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "lambda": cfg.scale,
-                     "delay_steps": cfg.delay_steps, "negative_prompt": cfg.negative_prompt, "size": size},
+                     "seed": cfg.seed, "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": cfg.guidance,
+                     "lambda": cfg.scale, "delay_steps": cfg.delay_steps, "negative_prompt": cfg.negative_prompt,
+                     "size": size, "references": cfg.references},
         "metrics": metrics,
         "control": None if control is None else {k: v for k, v in control.items() if k not in ("same_identity", "different_identity")},
         "reference_embeddings": {**ref_src, "unembedded": no_ref},
@@ -793,6 +836,7 @@ def evaluate(
     results["seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(cfg.metrics_out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results["metrics_file"] = str(out)
     out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
 
     do_log = cfg.mlflow.enabled if log_mlflow is None else log_mlflow

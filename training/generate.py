@@ -1,39 +1,39 @@
-"""Generation with a trained W+ adapter: reference photo(s) or a W+ code + prompt -> images.
+"""Generation with a trained adapter of any method: reference photo(s) and / or method inputs +
+prompts -> images, through a diffusers `StableDiffusionPipeline`.
 
-    reference photo(s) --detect (MediaPipe/SCRFD) -> lm5 -> FFHQ quad -> aligned face (+ face mask,
-    background whitened) --e4e--> W+ (18, 512) per photo, averaged over the photos
-    W+ (+ a * direction) --WProj--> 4 identity tokens --residual cross-attention--> UNet
-    DDIM (eta 0), classifier-free guidance: eps = eps_u + g (eps_c - eps_u), with the unconditional
-    branch = negative prompt ('' by default) + the ZERO W+ code (WProj's null tokens, the condition
-    the training dropout used); lambda (`scale`) weights the identity branch, 0 for the first
-    `delay_steps` DDIM steps (delayed identity start).
+    adapter folder (or models:/name@alias) --load_persona_adapter--> pipeline with the injection
+    reference photos --ReferenceKit (the data pipeline's detection, alignment, masks, member
+    encoders)--> shard-like samples --Method.prepare / Method.inputs--> conditioner inputs
+    conditioner inputs --conditioner--> tokens --injection--> UNet / text encoder
+    any diffusers scheduler (ddim | euler_a | dpm++), classifier-free guidance with the negative
+    prompt + the conditioner's null tokens, identity scale lambda, 0 for the first `delay_steps`
+    steps (delayed identity start, via `callback_on_step_end`)
 
-The alignment is the data pipeline's own code (`pipeline.models.faces/align/masks` hull
-mask) with the `align`, `masks` and `wplus` sections of params.yaml, so a reference photo gets the
-same W+ code the `wplus` stage would give it.
+Several identities (`Request.identities`, each with its reference photos, mixing weights and image
+region) reach injections that support them as (B, K, T, D) tokens + (B, K, H, W) regions.
+Method-specific inputs: `Request.inputs` (named files, `--input NAME=PATH`) and `Request.options`
+(`--option KEY=VALUE`), read by `Method.prepare`.
 
 Adapters come from a folder holding `adapter.safetensors` + `adapter.json` (what training writes),
 or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (downloaded with
 `mlflow.artifacts.download_artifacts`; the alias is pinned to its version in the records).
 
 Every image is written as `<stem>.png` with `<stem>.json` (everything needed to reproduce it: adapter
-uri/path + sha256, base model, prompts, seed, steps, guidance, lambda, delay, edit, reference
-sha256s, versions) and `<stem>.wplus.npy` (the float32 (18, 512) code fed to WProj, after the edit;
-`<stem>.wplus_base.npy` holds the code before the edit). `regenerate(json)` (`persona generate
---from-json`) re-runs it from that record; on CPU the pixels are identical.
+uri/path + sha256, base model, prompts, seed, scheduler, steps, guidance, lambda, delay, the
+conditioner inputs (`<name>.id<k>.<input>.npy`, with sha256) and what the method recorded about
+them (reference sha256s, edits), versions). `regenerate(json)` (`persona generate --from-json`)
+re-runs it from that record; on CPU the pixels are identical.
 
 Images are HxWx3 uint8 RGB; the initial latent noise of image i comes from its own CPU generator
 seeded with its seed, so it does not depend on the device or on the batch it is in.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import platform
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +43,17 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, Params, build, load_params, to_dict
+from pipeline.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from pipeline.digests import sha256_bytes, sha256_file
+from pipeline.gitinfo import git_commit
+from training.methods.base import Identity, Prepared
 
 log = logging.getLogger("persona.generate")
 
-RECORD_FORMAT = "persona-generation/1"
+RECORD_FORMAT = "persona-generation/2"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
-W_SHAPE = (18, 512)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEDULERS = ("ddim", "euler_a", "dpm++")
 
 
 # ============================================================================================
@@ -59,7 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class BaseModelOverride:
-    """Base SD model to use instead of the one recorded in adapter.json (all null: the recorded one)."""
+    """Base SD model to use instead of the one recorded with the adapter (all null: the recorded one)."""
 
     preset: Optional[Literal["tiny", "sd15"]] = None
     path: Optional[str] = None
@@ -68,13 +71,14 @@ class BaseModelOverride:
 
 @dataclass
 class GenerateConfig:
-    adapter: str = "models/wplus/stage2"  # folder with adapter.json, or models:/<name>@<alias>
+    adapter: Optional[str] = None  # folder with adapter.json, or models:/<name>@<alias>
     base_model: BaseModelOverride = field(default_factory=BaseModelOverride)
     negative_prompt: str = ""
-    steps: int = 50  # DDIM steps (paper: 50)
-    guidance: float = 7.5  # CFG scale; 1 = no unconditional branch
-    scale: float = 1.0  # lambda, weight of the identity branch
-    delay_steps: int = 0  # DDIM steps at the start with lambda = 0
+    scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
+    steps: int = 50  # sampler steps
+    guidance: float = 7.5  # CFG scale; <= 1 = no unconditional branch
+    scale: float = 1.0  # lambda, weight of the identity
+    delay_steps: int = 0  # steps at the start with lambda = 0
     seed: int = 0  # first seed; image k of a prompt uses seed + k
     num_images: int = 1  # per prompt
     height: Optional[int] = None  # null -> the adapter's training resolution, else the UNet's native size
@@ -103,34 +107,6 @@ def check_sampling(steps: int, delay_steps: int, num_images: int = 1, where: str
         raise ConfigError(f"{where}.num_images must be >= 1, got {num_images}")
 
 
-# ============================================================================================
-# small helpers
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_array(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
-
-
-def git_commit(cwd: str | os.PathLike = REPO_ROOT) -> Optional[str]:
-    """HEAD of the checkout holding this code (None outside git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(cwd), capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
 def versions() -> dict[str, Optional[str]]:
     """Versions of what determines the pixels (recorded with every image)."""
     out: dict[str, Optional[str]] = {"python": platform.python_version(), "persona_commit": git_commit()}
@@ -141,23 +117,6 @@ def versions() -> dict[str, Optional[str]]:
             out[pkg] = None
     out["torch_threads"] = str(torch.get_num_threads())
     return out
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no GPU")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ============================================================================================
@@ -178,7 +137,7 @@ class ResolvedAdapter:
     def as_record(self) -> dict:
         return {"spec": self.spec, "uri": self.uri, "path": None if self.uri else str(self.folder.resolve()),
                 "sha256": self.sha256, "registry": self.registry, "method": self.meta.get("method"),
-                "stage": self.meta.get("stage"), "global_step": self.meta.get("global_step"),
+                "phase": self.meta.get("phase"), "global_step": self.meta.get("global_step"),
                 "mlflow": self.meta.get("mlflow"), "lineage": self.meta.get("lineage"),
                 "weights_real": self.meta.get("weights_real")}
 
@@ -267,10 +226,12 @@ def resolve_adapter(
 
 @dataclass
 class Generator:
-    """Frozen SD components with a W+ adapter loaded; `sample` draws images."""
+    """SD components in a diffusers pipeline with an adapter installed; `sample` draws images."""
 
     comps: Any  # pipeline.models.diffusion.DiffusionComponents
-    adapter: Any  # training.adapters.WPlusAdapter
+    pipe: Any  # diffusers StableDiffusionPipeline over comps
+    adapter: Any  # training.adapter.PersonaAdapter (installed)
+    method: Any  # training.methods.base.Method
     resolved: ResolvedAdapter
     base: dict  # {"preset", "path", "config"} actually loaded
 
@@ -286,7 +247,9 @@ class Generator:
         registry_uri: Optional[str] = None,
     ) -> "Generator":
         from pipeline.models.diffusion import load_diffusion
-        from training.adapters import load_adapter
+        from training import methods
+        from training.adapter import load_persona_adapter
+        from training.sampling import make_pipeline
 
         res = adapter if isinstance(adapter, ResolvedAdapter) else resolve_adapter(
             adapter, tracking_uri=tracking_uri, registry_uri=registry_uri)
@@ -301,12 +264,12 @@ class Generator:
         comps = load_diffusion(spec["path"], preset=None if spec["path"] else spec["preset"], config=spec["config"],
                                device=dev, dtype=dt)
         comps.freeze()
-        ad = load_adapter(comps.unet, res.folder / ADAPTER_FILE, scale=1.0)
-        ad.eval()
+        pipe = make_pipeline(comps)
+        ad = load_persona_adapter(pipe, res.folder / ADAPTER_FILE)
         if not res.meta.get("weights_real", {}) or not all(res.meta.get("weights_real", {}).values()):
             log.warning("!!! adapter %s was trained with RANDOM weights somewhere (%s): its images are NOT meaningful !!!",
                         res.spec, res.meta.get("weights_real"))
-        return cls(comps, ad, res, spec)
+        return cls(comps, pipe, ad, methods.get(ad.method), res, spec)
 
     @property
     def device(self) -> torch.device:
@@ -334,13 +297,13 @@ class Generator:
         d.update({f"adapter.{k}": bool(v) for k, v in (self.resolved.meta.get("weights_real") or {}).items()})
         return d
 
-    @torch.no_grad()
     def sample(
         self,
-        w: np.ndarray | torch.Tensor,
+        conditioning: Sequence[Sequence[Mapping[str, np.ndarray]]],
         prompts: Sequence[str],
         seeds: Sequence[int],
         *,
+        scheduler: str = "ddim",
         negative_prompt: str = "",
         steps: int = 50,
         guidance: float = 7.5,
@@ -348,173 +311,51 @@ class Generator:
         delay_steps: int = 0,
         height: Optional[int] = None,
         width: Optional[int] = None,
+        regions: Optional[torch.Tensor] = None,
     ) -> np.ndarray:
-        """(B, 18, 512) W+ codes, B prompts, B seeds -> (B, H, W, 3) uint8 images.
+        """B conditionings (per image: the conditioner inputs of its identities), B prompts, B seeds
+        -> (B, H, W, 3) uint8 images (see `training.sampling.sample`)."""
+        from training.sampling import sample
 
-        DDIM (eta 0) with `steps` steps; CFG when guidance != 1 (uncond = negative prompt + zero
-        W+ code); lambda = 0 for the first `delay_steps` steps, then `scale`.
-        """
-        from diffusers import DDIMScheduler
-
-        w = torch.as_tensor(np.asarray(w, dtype=np.float32) if not isinstance(w, torch.Tensor) else w).float()
-        if w.ndim == 2:
-            w = w[None]
-        b = w.shape[0]
-        if w.shape[1:] != W_SHAPE or len(prompts) != b or len(seeds) != b:
-            raise ValueError(f"sample: W+ {tuple(w.shape)}, {len(prompts)} prompts, {len(seeds)} seeds (need B x 18 x 512, B, B)")
         check_sampling(steps, delay_steps)
         f = self.comps.vae_scale_factor
         h, wd = int(height or self.default_size), int(width or self.default_size)
         if h % f or wd % f:
             raise ValueError(f"height/width must be multiples of {f}, got {h}x{wd}")
-        dev, dt = self.device, self.dtype
-        sched = DDIMScheduler.from_config(self.comps.sample_scheduler.config)
-        sched.set_timesteps(steps, device=dev)
-        ch = int(self.comps.unet.config.in_channels)
-        noise = [torch.randn((1, ch, h // f, wd // f), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        lat = (torch.cat(noise) * sched.init_noise_sigma).to(dev, dt)
-        wproj = self.adapter.wproj
-        w_dev = w.to(dev, wproj.norm.weight.dtype)
-        cond_text = self.comps.encode_prompt(list(prompts)).to(dt)
-        tokens = wproj(w_dev)
-        cfg = float(guidance) != 1.0
-        if cfg:
-            text = torch.cat([self.comps.encode_prompt([negative_prompt] * b).to(dt), cond_text])
-            tokens = torch.cat([wproj(torch.zeros_like(w_dev)), tokens])
-        else:
-            text = cond_text
-        for i, t in enumerate(sched.timesteps):
-            lam = 0.0 if i < delay_steps else float(scale)
-            x = sched.scale_model_input(torch.cat([lat, lat]) if cfg else lat, t)
-            with self.adapter.conditioned(tokens, scale=lam):
-                eps = self.comps.unet(x, t, encoder_hidden_states=text).sample
-            if cfg:
-                eu, ec = eps.float().chunk(2)
-                eps = (eu + float(guidance) * (ec - eu)).to(dt)
-            lat = sched.step(eps, t, lat).prev_sample
-        img = self.comps.decode_latents(lat).float().clamp(-1, 1)
-        return ((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return sample(self.pipe, self.adapter, conditioning, prompts, seeds, scheduler=scheduler,
+                      negative_prompt=negative_prompt, steps=steps, guidance=guidance, scale=scale,
+                      delay_steps=delay_steps, height=h, width=wd, regions=regions)
 
 
 # ============================================================================================
-# W+ codes: reference photos, files, edits
-
-
-@dataclass
-class Encoders:
-    """Detector + e4e encoder for reference photos (loaded once, reused)."""
-
-    detector: Any
-    encoder: Any
-    params: Params
-
-    @classmethod
-    def load(cls, params: Params, device: Optional[str] = None) -> "Encoders":
-        from pipeline.models import faces, wplus
-
-        return cls(faces.load(params.align), wplus.load(params.wplus, device=device), params)
-
-    def close(self) -> None:
-        close = getattr(self.detector, "close", None)
-        if close:
-            close()
-
-
-def _largest_face(faces: list) -> Any:
-    good = [f for f in faces if f.lm5 is not None and getattr(f, "landmarks_source", "") != "detector"]
-    if not good:
-        return None
-    return max(good, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
-
-
-def align_reference(rgb: np.ndarray, face: Any, params: Params) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One detected face -> (aligned face (S, S, 3) uint8, face mask (S, S) uint8, info), exactly as
-    the align + masks stages make them (FFHQ crop; hull of the mesh, or the quad ellipse)."""
-    from pipeline.models import align as geom
-    from pipeline.models.masks import hull_mask, quad_ellipse_points
-
-    a = params.align
-    lm5 = np.asarray(face.lm5, dtype=np.float64)
-    quad = geom.ffhq_quad(lm5)
-    aligned, tf = geom.align_face(rgb, quad, a.output_size, a.transform_size)
-    pts = np.asarray(face.mesh) if face.mesh is not None else quad_ellipse_points(quad)
-    mask = hull_mask(geom.apply_matrix(tf.matrix, pts), a.output_size, params.masks.erode_at_1024, params.masks.blur_at_1024)
-    side = geom.quad_side(quad)
-    if side < a.min_face_size:
-        log.warning("reference face is small (quad side %.0f px < align.min_face_size %d): its W+ code may be poor",
-                    side, a.min_face_size)
-    info = {"bbox": np.round(face.bbox, 2).tolist(), "score": round(float(face.score), 4),
-            "lm5": np.round(lm5, 3).tolist(), "quad_side": round(side, 2), "mask_source": "mesh" if face.mesh is not None else "quad_ellipse"}
-    return aligned, mask, info
-
-
-def encode_references(paths: Sequence[str | os.PathLike], encoders: Encoders) -> tuple[np.ndarray, list[dict]]:
-    """Reference photos -> (averaged W+ (18, 512) float32, per-photo records with sha256 + face).
-
-    Each photo contributes its largest face with dense landmarks; a photo without one is an error.
-    """
-    from pipeline.images import load_rgb
-
-    if not paths:
-        raise ValueError("encode_references: no reference photos")
-    faces, masks, refs = [], [], []
-    for p in paths:
-        rgb, _ = load_rgb(p)
-        face = _largest_face(encoders.detector.detect(rgb))
-        if face is None:
-            raise ValueError(f"reference {p}: no face with landmarks found")
-        aligned, mask, info = align_reference(rgb, face, encoders.params)
-        faces.append(aligned)
-        masks.append(mask)
-        refs.append({"path": str(p), "sha256": sha256_file(p), "face": info})
-    codes = encoders.encoder.encode(faces, keep_masks=masks)
-    for r, c in zip(refs, codes):
-        r["wplus_sha256"] = sha256_array(c.astype(np.float32))
-    return codes.mean(axis=0).astype(np.float32), refs
-
-
-def load_wplus(path: str | os.PathLike) -> np.ndarray:
-    """A W+ .npy file: (18, 512) or (N, 18, 512) (averaged) -> (18, 512) float32."""
-    w = np.load(path, allow_pickle=False).astype(np.float32)
-    if w.ndim == 3:
-        w = w.mean(axis=0)
-    if w.shape != W_SHAPE:
-        raise ValueError(f"{path}: W+ code must be (18, 512) or (N, 18, 512), got {w.shape}")
-    return w
-
-
-def load_direction(path: str | os.PathLike) -> np.ndarray:
-    """An edit direction .npy: (18, 512), or (512,) applied to every row -> (18, 512) float32."""
-    d = np.load(path, allow_pickle=False).astype(np.float32)
-    if d.shape == (W_SHAPE[1],):
-        d = np.broadcast_to(d, W_SHAPE).copy()
-    if d.shape != W_SHAPE:
-        raise ValueError(f"{path}: edit direction must be (18, 512) or (512,), got {d.shape}")
-    return d
-
-
-def apply_edit(w: np.ndarray, direction: Optional[np.ndarray], alpha: float) -> np.ndarray:
-    """w + alpha * direction (float32); w unchanged when there is no direction or alpha is 0."""
-    w = np.asarray(w, dtype=np.float32)
-    if direction is None or alpha == 0:
-        return w.copy()
-    return (w + np.float32(alpha) * np.asarray(direction, dtype=np.float32)).astype(np.float32)
-
-
-# ============================================================================================
-# generate -> files, and back
+# requests -> conditioner inputs
 
 
 @dataclass
 class Request:
-    """What to generate (one W+ code, several prompts x num_images)."""
+    """What to generate: prompts x num_images with the same conditioning."""
 
     prompts: list[str]
-    references: list[str] = field(default_factory=list)  # photos (W+ averaged over them)
-    wplus: Optional[str] = None  # or a W+ .npy file
-    edit: Optional[str] = None  # direction .npy
-    alpha: float = 0.0
+    identities: list[Identity] = field(default_factory=list)  # none: the method's inputs alone
+    inputs: dict[str, str] = field(default_factory=dict)  # method-specific named files (--input NAME=PATH)
+    options: dict[str, str] = field(default_factory=dict)  # method-specific options (--option KEY=VALUE)
     name: str = "img"  # file stem prefix
+
+
+def load_regions(identities: Sequence[Identity], height: int, width: int) -> Optional[torch.Tensor]:
+    """(1, K, H, W) float masks in [0, 1] of K identities' regions (None: a single identity / no regions)."""
+    if len(identities) <= 1:
+        return None
+    from PIL import Image
+
+    if any(i.region is None for i in identities):
+        raise ValueError("several identities: give each one's region mask (--region)")
+    masks = []
+    for i in identities:
+        with Image.open(i.region) as im:
+            masks.append(np.asarray(im.convert("L").resize((width, height), Image.Resampling.BILINEAR),
+                                    dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(masks))[None]
 
 
 def _write_png(path: Path, img: np.ndarray) -> str:
@@ -522,12 +363,40 @@ def _write_png(path: Path, img: np.ndarray) -> str:
 
     data = encode_png(img)
     path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)
 
 
 def _save_npy(path: Path, a: np.ndarray) -> str:
-    np.save(path, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
+    np.save(path, np.ascontiguousarray(a), allow_pickle=False)
     return sha256_file(path)
+
+
+def save_conditioning(out: Path, stem: str, prepared: Sequence[Prepared], identities: Sequence[Identity]) -> list[dict]:
+    """Write each identity's conditioner inputs as `<stem>.id<k>.<input>.npy`; their record entries."""
+    recs = []
+    for k, p in enumerate(prepared):
+        files = {}
+        for name, arr in p.inputs.items():
+            fname = f"{stem}.id{k}.{name}.npy"
+            files[name] = {"file": fname, "sha256": _save_npy(out / fname, np.asarray(arr)), "shape": list(np.shape(arr))}
+        ident = identities[k] if k < len(identities) else Identity()
+        recs.append({"inputs": files, "region": ident.region,
+                     "region_sha256": sha256_file(ident.region) if ident.region else None, **p.record})
+    return recs
+
+
+def load_conditioning(src: Path, entries: Sequence[dict]) -> list[dict[str, np.ndarray]]:
+    """The recorded conditioner inputs, each checked against its sha256."""
+    out = []
+    for e in entries:
+        inputs = {}
+        for name, f in e["inputs"].items():
+            p = src / f["file"]
+            if sha256_file(p) != f["sha256"]:
+                raise RuntimeError(f"{p}: sha256 differs from the record (the conditioner input was modified)")
+            inputs[name] = np.load(p, allow_pickle=False)
+        out.append(inputs)
+    return out
 
 
 def generate(
@@ -536,60 +405,57 @@ def generate(
     *,
     params: Optional[Params] = None,
     generator: Optional[Generator] = None,
-    encoders: Optional[Encoders] = None,
+    kit: Any = None,
     out: Optional[str | os.PathLike] = None,
 ) -> list[dict]:
     """Generate len(prompts) x num_images images into `out` (default cfg.out); returns the records."""
+    from training.references import ReferenceKit
+
     params = params or Params()
     if not req.prompts:
         raise ValueError("generate: give at least one prompt")
-    if bool(req.references) == bool(req.wplus):
-        raise ValueError("generate: give reference photo(s) or a W+ .npy file (exactly one of the two)")
+    if not cfg.adapter and generator is None:
+        raise ValueError("generate: no adapter (give --adapter DIR | models:/NAME@ALIAS, or params generate.adapter)")
     gen = generator or Generator.load(cfg.adapter, base=to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype,
                                       tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
-    if req.references:
-        own = encoders is None
-        enc = encoders or Encoders.load(params)
-        try:
-            w_base, refs = encode_references(req.references, enc)
-        finally:
-            if own:
-                enc.close()
-        w_source = {"kind": "references", "encoder": enc.encoder.info.as_dict(), "detector": enc.detector.info.as_dict(),
-                    "align": to_dict(params.align), "masks": to_dict(params.masks), "wplus": to_dict(params.wplus)}
-    else:
-        w_base, refs = load_wplus(req.wplus), []
-        w_source = {"kind": "file", "path": str(req.wplus), "sha256": sha256_file(req.wplus)}
-    direction = load_direction(req.edit) if req.edit else None
-    w = apply_edit(w_base, direction, req.alpha)
-    edit = None if direction is None else {"direction": str(req.edit), "sha256": sha256_file(req.edit), "alpha": float(req.alpha)}
+    identities = list(req.identities) or [Identity()]
+    own = kit is None
+    kit = kit or ReferenceKit(params)
+    try:
+        prepared = [gen.method.prepare(i, req.inputs, req.options, kit) for i in identities]
+    finally:
+        if own:
+            kit.close()
 
     out = Path(out or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     h, wd = int(cfg.height or gen.default_size), int(cfg.width or gen.default_size)
+    regions = load_regions(identities, h, wd)
+    conditioning = save_conditioning(out, req.name, prepared, identities)
     vers = versions()
     records = []
     for pi, prompt in enumerate(req.prompts):
         for k in range(cfg.num_images):
             seed = cfg.seed + k
             stem = f"{req.name}-p{pi:02d}-seed{seed}"
-            img = gen.sample(w[None], [prompt], [seed], negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                             guidance=cfg.guidance, scale=cfg.scale, delay_steps=cfg.delay_steps, height=h, width=wd)[0]
+            img = gen.sample([[p.inputs for p in prepared]], [prompt], [seed], scheduler=cfg.scheduler,
+                             negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
+                             scale=cfg.scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions)[0]
             rec = {
                 "format": RECORD_FORMAT,
                 "image": {"file": f"{stem}.png", "sha256": _write_png(out / f"{stem}.png", img), "height": h, "width": wd},
-                "wplus": {"file": f"{stem}.wplus.npy", "sha256": _save_npy(out / f"{stem}.wplus.npy", w),
-                          "base_file": None, "source": w_source},
+                "method": gen.method.name,
+                "conditioning": conditioning,
+                "request": {"inputs": dict(req.inputs), "options": dict(req.options)},
                 "prompt": prompt,
                 "negative_prompt": cfg.negative_prompt,
                 "seed": int(seed),
+                "scheduler": {"name": cfg.scheduler, "class": type(gen.pipe.scheduler).__name__,
+                              "config": dict(gen.pipe.scheduler.config)},
                 "steps": int(cfg.steps),
                 "guidance": float(cfg.guidance),
                 "lambda": float(cfg.scale),
                 "delay_steps": int(cfg.delay_steps),
-                "scheduler": {"name": "ddim", "eta": 0.0, "config": dict(gen.comps.sample_scheduler.config)},
-                "edit": edit,
-                "references": refs,
                 "adapter": gen.resolved.as_record(),
                 "base_model": {**gen.base, "parts": {k2: v.as_dict() for k2, v in gen.comps.info.items()}},
                 "device": str(gen.device),
@@ -598,9 +464,6 @@ def generate(
                 "weights_real": gen.weights_real,
                 "versions": vers,
             }
-            if edit is not None:
-                rec["wplus"]["base_file"] = f"{stem}.wplus_base.npy"
-                _save_npy(out / f"{stem}.wplus_base.npy", w_base)
             if not all(rec["weights_real"].values()):
                 rec["warning"] = "RANDOM WEIGHTS somewhere in this generation (see weights_real): not meaningful"
             (out / f"{stem}.json").write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
@@ -620,10 +483,10 @@ def regenerate(
 ) -> tuple[dict, np.ndarray, bool]:
     """Re-run a generation record. Returns (new record, image, identical-to-the-recorded-pixels).
 
-    Uses the recorded W+ code (`<stem>.wplus.npy`, checked against its sha256), the pinned adapter
+    Uses the recorded conditioner inputs (checked against their sha256), the pinned adapter
     (registry version on the recorded server unless `tracking_uri` is given, or the folder; checked
-    against its sha256), the recorded base model, sampling
-    settings and dtype. Writes `<stem>.png/.json/.wplus.npy` into `out` (default `<dir>/rerun`).
+    against its sha256), the recorded base model, scheduler, sampling settings and dtype. Writes
+    `<stem>.png/.json` + the inputs into `out` (default `<dir>/rerun`).
     """
     from pipeline.images import decode_image
 
@@ -632,10 +495,7 @@ def regenerate(
     if rec.get("format") != RECORD_FORMAT:
         raise ValueError(f"{record_path}: not a {RECORD_FORMAT} record")
     src = record_path.parent
-    wfile = src / rec["wplus"]["file"]
-    if sha256_file(wfile) != rec["wplus"]["sha256"]:
-        raise RuntimeError(f"{wfile}: sha256 differs from the record (the W+ code was modified)")
-    w = load_wplus(wfile)
+    inputs = load_conditioning(src, rec["conditioning"])
     ad = rec["adapter"]
     spec = ad.get("uri") or ad.get("path")
     recorded = ad.get("registry") or {}
@@ -647,9 +507,15 @@ def regenerate(
         generator = Generator.load(res, base=base, device=device or "auto", dtype=rec.get("dtype", "fp32"))
     elif generator.resolved.sha256 != ad["sha256"]:
         raise RuntimeError("regenerate: the given generator holds a different adapter than the record")
-    img = generator.sample(w[None], [rec["prompt"]], [rec["seed"]], negative_prompt=rec["negative_prompt"],
-                           steps=rec["steps"], guidance=rec["guidance"], scale=rec["lambda"],
-                           delay_steps=rec["delay_steps"], height=rec["image"]["height"], width=rec["image"]["width"])[0]
+    h, w = rec["image"]["height"], rec["image"]["width"]
+    idents = [Identity(region=c.get("region")) for c in rec["conditioning"]]
+    for c in rec["conditioning"]:
+        if c.get("region") and sha256_file(c["region"]) != c.get("region_sha256"):
+            raise RuntimeError(f"{c['region']}: region mask sha256 differs from the record")
+    img = generator.sample([inputs], [rec["prompt"]], [rec["seed"]], scheduler=rec["scheduler"]["name"],
+                           negative_prompt=rec["negative_prompt"], steps=rec["steps"], guidance=rec["guidance"],
+                           scale=rec["lambda"], delay_steps=rec["delay_steps"], height=h, width=w,
+                           regions=load_regions(idents, h, w))[0]
     identical = False
     orig = src / rec["image"]["file"]
     if orig.is_file():
@@ -659,8 +525,9 @@ def regenerate(
     new = json.loads(json.dumps(rec))
     stem = Path(rec["image"]["file"]).stem
     new["image"]["sha256"] = _write_png(out / f"{stem}.png", img)
-    new["wplus"]["sha256"] = _save_npy(out / f"{stem}.wplus.npy", w)
-    new["wplus"]["base_file"] = None
+    for entry, arrays in zip(new["conditioning"], inputs):
+        for name, f in entry["inputs"].items():
+            f["sha256"] = _save_npy(out / f["file"], arrays[name])
     new["device"] = str(generator.device)
     new["versions"] = versions()
     new["regenerated_from"] = {"record": str(record_path.resolve()), "identical": identical}

@@ -1,4 +1,5 @@
-"""W+ Adapter objectives (Li et al. 2023, eq. 4-8) and condition dropout; pure functions.
+"""Loss terms and condition dropout shared by the methods' objectives; pure functions.
+(The W+ Adapter's: Li et al. 2023, eq. 4-8.)
 
 Shapes: noise predictions / targets are (B, C, h, w) latents (C = 4); masks are (B, 1, H, W)
 floats in [0, 1] with 1 = NON-face (the region the disentanglement loss protects), given at image
@@ -59,14 +60,14 @@ def identity_regulariser(eps_w: torch.Tensor, eps_base: torch.Tensor) -> torch.T
     return noise_mse(eps_w, eps_base)
 
 
-def wplus_augment(
+def code_augment(
     w: torch.Tensor,
     mode: Literal["shuffle", "noise", "both"] = "both",
     sigma: float = 1.0,
     generator: Optional[torch.Generator] = None,
     noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Augment W+ codes (B, 18, 512) for the disentanglement loss.
+    """Augment per-sample codes (B, ...) (e.g. W+ codes (B, 18, 512)) for a disentanglement loss.
 
     shuffle: rows of the batch permuted (a random permutation; B = 1 stays unchanged);
     noise:   w + sigma * N(0, 1) (sigma in W+ units); both: shuffle, then noise.
@@ -75,9 +76,9 @@ def wplus_augment(
     row i (after the shuffle).
     """
     if mode not in ("shuffle", "noise", "both"):
-        raise ValueError(f"wplus_augment mode must be shuffle | noise | both, got {mode!r}")
+        raise ValueError(f"code_augment mode must be shuffle | noise | both, got {mode!r}")
     if noise is not None and noise.shape != w.shape:
-        raise ValueError(f"wplus_augment: noise shape {tuple(noise.shape)} != w shape {tuple(w.shape)}")
+        raise ValueError(f"code_augment: noise shape {tuple(noise.shape)} != w shape {tuple(w.shape)}")
     out = w
     if mode in ("shuffle", "both"):
         perm = torch.randperm(w.shape[0], generator=generator, device=w.device)

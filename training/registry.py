@@ -6,7 +6,7 @@
                source=<run artifact uri>/adapter, run_id=...)` (MLflow 3's `register_model` refuses
                a plain artifact folder), tagged with the evaluation metrics (`metric.<name>` = value,
                or `missing: <reason>`), the evaluation-set id (`eval_set`), git commit, shards
-               hash, method, stage, params hash (adapter.json `params_hash` / `signature`, else a
+               hash, method, phase, params hash (adapter.json `params_hash` / `signature`, else a
                hash of the training run's MLflow params), adapter sha256, weights_real; alias
                `candidate`. Evaluation results made for another adapter file are refused.
                Registering the same adapter with the same evaluation again reuses that version.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from pipeline.config import ConfigError, Params, build
+from pipeline.digests import sha256_file
 
 log = logging.getLogger("persona.registry")
 
@@ -58,16 +59,16 @@ ADAPTER_FILES = ("adapter.safetensors", "adapter.json")
 
 @dataclass
 class RegistryConfig:
-    model_name: str = "persona-wplus"  # registered model (one per method)
+    model_name: str = "persona-{method}"  # registered model, one per method ({method}: the adapter's)
     tracking_uri: str = DEFAULT_TRACKING_URI  # $MLFLOW_TRACKING_URI wins
     registry_uri: Optional[str] = None  # null -> the tracking URI ($MLFLOW_REGISTRY_URI wins)
     artifact_location: str = "mlartifacts"  # artifact root of NEW experiments on a local store
-    experiment: str = "persona-wplus"  # for new runs when the adapter's training run is not on this server
+    experiment: str = "persona-{method}"  # for new runs when the adapter's training run is not on this server
     gate_metrics: list[str] = field(default_factory=lambda: ["identity_similarity"])  # higher is better
     min_improvement: float = 0.0  # at least one gate metric must improve by more than this
     require_same_eval_set: bool = True  # candidate and champion must carry the same eval_set tag
-    metrics: str = "metrics/evaluate.json"  # evaluation results `register` reads by default
-    out: str = "metrics/register.json"  # what `register` writes (DVC out)
+    metrics: str = "metrics/evaluate_{method}.json"  # evaluation results `register` reads by default
+    out: str = "metrics/register_{method}.json"  # what `register` writes (DVC out); {method}: the adapter's
 
 
 def registry_config(params: Params | Mapping[str, Any] | None = None) -> RegistryConfig:
@@ -314,14 +315,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -417,6 +410,17 @@ class Registry:
             return False
         return run.info.lifecycle_stage != "deleted"
 
+    def model_name(self, method: Optional[str] = None, *, name: Optional[str] = None) -> str:
+        """`name`, else registry.model_name with {method} filled in (persona-<method>)."""
+        if name:
+            return name
+        tpl = self.cfg.model_name
+        if "{method}" in tpl:
+            if not method:
+                raise RegistryError(f"registry.model_name is '{tpl}': give the model --name or the --method")
+            return tpl.replace("{method}", method)
+        return tpl
+
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -439,14 +443,14 @@ class Registry:
         new_version: bool = False,
     ) -> dict:
         """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it."""
-        name = name or self.cfg.model_name
         folder = Path(adapter_dir)
         meta_path = folder / "adapter.json"
         for f in ADAPTER_FILES:
             if not (folder / f).is_file():
                 raise FileNotFoundError(f"{folder}: missing {f} (an adapter folder holds {', '.join(ADAPTER_FILES)})")
         meta = json.loads(meta_path.read_text())
-        sha = _sha256(folder / "adapter.safetensors")
+        name = name or self.model_name(str(meta.get("method")))
+        sha = sha256_file(folder / "adapter.safetensors")
         ev = evaluation if isinstance(evaluation, dict) or evaluation is None else load_evaluation(evaluation)
         if ev is not None:
             ev_sha = (ev.get("adapter") or {}).get("sha256")
@@ -466,7 +470,7 @@ class Registry:
         else:
             if run_id:
                 log.info("training run %s is not on %s: registering from a new run", run_id, self.tracking_uri)
-            exp_id = self._experiment_id(ml.get("experiment") or self.cfg.experiment)
+            exp_id = self._experiment_id(ml.get("experiment") or self.cfg.experiment.replace("{method}", str(meta.get("method"))))
             run = self.client.create_run(exp_id, run_name=f"register-{name}", tags={
                 "persona.kind": "register", "persona.training_run": str(run_id), "persona.training_tracking_uri": str(ml.get("tracking_uri")),
                 "git_commit": str(lineage.get("git_commit")), "shards_hash": str(lineage.get("shards_hash"))})
@@ -477,7 +481,7 @@ class Registry:
         if ev is not None:
             real = real and bool(ev.get("weights_real", False))
         tags = {
-            "method": str(meta.get("method")), "stage": str(meta.get("stage")), "global_step": str(meta.get("global_step")),
+            "method": str(meta.get("method")), "phase": str(meta.get("phase")), "global_step": str(meta.get("global_step")),
             "seed": str(meta.get("seed")), "git_commit": str(lineage.get("git_commit")),
             "shards_hash": str(lineage.get("shards_hash")), "params_hash": str(params_hash), "adapter_sha256": sha,
             "base_model": json.dumps(meta.get("base_model"), sort_keys=True), "weights_real": str(real).lower(),
@@ -506,7 +510,7 @@ class Registry:
                 self.client.set_terminated(run_id)
             source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/adapter"
             mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                                  description=f"{meta.get('method')} stage {meta.get('stage')} adapter {sha[:12]}")
+                                                  description=f"{meta.get('method')} {meta.get('phase')} adapter {sha[:12]}")
             mv = self._wait_ready(name, mv.version)
         self.client.set_registered_model_alias(name, alias, mv.version)
         out = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}", "alias": alias,
@@ -548,9 +552,10 @@ class Registry:
             time.sleep(0.5)
 
     # ---------------------------------------------------------------- promote / rollback
-    def promote(self, name: Optional[str] = None, version: Optional[str | int] = None, *, force: bool = False) -> dict:
+    def promote(self, name: Optional[str] = None, version: Optional[str | int] = None, *, force: bool = False,
+                method: Optional[str] = None) -> dict:
         """Move `champion` to the candidate (or `version`) if it beats the champion; else PromotionRefused."""
-        name = name or self.cfg.model_name
+        name = self.model_name(method, name=name)
         if self._registered(name) is None:
             raise RegistryError(f"no registered model '{name}' (run `persona registry register` first)")
         cand = self.version(name, version if version is not None else CANDIDATE)
@@ -579,11 +584,11 @@ class Registry:
             self.client.set_model_version_tag(name, cand.version, "promoted_forced", "; ".join(d["reasons"]))
         return {**d, "promoted": True, "forced": bool(force and not d["ok"])}
 
-    def rollback(self, name: Optional[str] = None) -> dict:
+    def rollback(self, name: Optional[str] = None, *, method: Optional[str] = None) -> dict:
         """Move `champion` back to the previous champion (popped from the history tag)."""
         from mlflow.exceptions import MlflowException
 
-        name = name or self.cfg.model_name
+        name = self.model_name(method, name=name)
         history = self._history(name)
         current = self.by_alias(name, CHAMPION)
         while history:
@@ -614,8 +619,8 @@ class Registry:
         mvs = sorted(self.client.search_model_versions(f"name='{name}'"), key=lambda m: -int(m.version))
         return [version_summary(m, aliases.get(str(m.version), [])) for m in mvs]
 
-    def show(self, name: Optional[str] = None, ref: str | int = CHAMPION) -> dict:
-        name = name or self.cfg.model_name
+    def show(self, name: Optional[str] = None, ref: str | int = CHAMPION, *, method: Optional[str] = None) -> dict:
+        name = self.model_name(method, name=name)
         mv = self.version(name, ref)
         out = version_summary(mv, self._aliases_of(name).get(str(mv.version), []))
         out["champion_history"] = self._history(name)

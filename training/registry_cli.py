@@ -1,12 +1,13 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate --ref PHOTO [--ref PHOTO ...] | --wplus CODE.npy  --prompt TEXT [--prompt ...]
-                     [--adapter DIR | models:/NAME@ALIAS] [--lambda L] [--delay K] [--edit DIR.npy --alpha A]
-                     [--seed S] [--num-images N] [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
+    persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
+                     [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
+                     [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
+                     [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
-    persona evaluate [--adapter ...] [--shards DIR] [--no-mlflow]          params `evaluate:`
-    persona registry register --adapter DIR [--metrics metrics/evaluate.json]
-    persona registry promote [--version V] [--force] | rollback | list | show [REF]
+    persona evaluate [--adapter ... | --method M] [--shards DIR] [--no-mlflow]     params `evaluate:`
+    persona registry register --adapter DIR [--metrics metrics/evaluate_M.json]   -> persona-<method>
+    persona registry promote [--method M | --name N] [--version V] [--force] | rollback | list | show [REF]
     persona mlflow-server [--port 5000] [--backend sqlite:///mlflow-server.db] [--artifacts DIR]
 
 Defaults come from params.yaml (`generate`, `evaluate`, `registry`); MLflow locations from
@@ -30,6 +31,30 @@ def _dump(obj) -> None:
 
 
 # ---------------------------------------------------------------------------------- generate
+def _pairs(items, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"persona generate: {flag} {item!r}: expected NAME=VALUE")
+        out[k.strip()] = v
+    return out
+
+
+def _identities(args) -> list:
+    """--ref photos [+ --weights] = one identity; with --region masks: identity i = (ref i, region i)."""
+    from training.methods.base import Identity
+
+    refs, regions = list(args.ref or []), list(args.region or [])
+    if args.weights and len(args.weights) != len(refs):
+        raise SystemExit(f"persona generate: {len(args.weights)} --weights for {len(refs)} --ref photos")
+    if regions:
+        if len(regions) != len(refs) or args.weights:
+            raise SystemExit("persona generate: with --region, give one --ref per region (identity i = ref i in region i)")
+        return [Identity([r], None, m) for r, m in zip(refs, regions)]
+    return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
+
+
 def _cmd_generate(args) -> int:
     from training import generate as g
 
@@ -41,7 +66,7 @@ def _cmd_generate(args) -> int:
         return 0 if identical or not args.check else 1
     params = _params(args.params)
     cfg = g.generate_config(params)
-    for key, attr in (("adapter", "adapter"), ("steps", "steps"), ("guidance", "guidance"), ("scale", "lam"),
+    for key, attr in (("adapter", "adapter"), ("scheduler", "scheduler"), ("steps", "steps"), ("guidance", "guidance"), ("scale", "lam"),
                       ("delay_steps", "delay"), ("seed", "seed"), ("num_images", "num_images"), ("height", "height"),
                       ("width", "width"), ("device", "device"), ("dtype", "dtype"), ("negative_prompt", "negative_prompt"),
                       ("tracking_uri", "tracking_uri"), ("registry_uri", "registry_uri")):
@@ -55,12 +80,8 @@ def _cmd_generate(args) -> int:
     g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
     if not args.prompt:
         raise SystemExit("persona generate: give --prompt (or --from-json)")
-    if bool(args.ref) == bool(args.wplus):
-        raise SystemExit("persona generate: give --ref PHOTO (one or more) or --wplus CODE.npy")
-    if bool(args.edit) != (args.alpha is not None):
-        raise SystemExit("persona generate: --edit DIRECTION.npy and --alpha A go together")
-    req = g.Request(prompts=args.prompt, references=args.ref or [], wplus=args.wplus, edit=args.edit,
-                    alpha=args.alpha or 0.0, name=args.name)
+    req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=_pairs(args.input, "--input"),
+                    options=_pairs(args.option, "--option"), name=args.name)
     recs = g.generate(req, cfg, params=params, out=args.out)
     out = args.out or cfg.out
     for r in recs:
@@ -76,9 +97,12 @@ def _cmd_evaluate(args) -> int:
     cfg = ev.evaluate_config(params, {"adapter": args.adapter, "shards": args.shards, "split": args.split,
                                       "max_identities": args.max_identities, "steps": args.steps,
                                       "metrics_out": args.metrics_out, "device": args.device})
+    if not cfg.adapter:
+        cfg.adapter = ev.adapter_for(cfg, args.method)
     res = ev.evaluate(cfg, params, log_mlflow=False if args.no_mlflow else None)
     print(ev.summary(res))
-    print(f"[evaluate] wrote {cfg.metrics_out}, {cfg.grid_out}" + (f"; MLflow run {res['mlflow']['run_id']}" if res.get("mlflow") else ""))
+    print(f"[evaluate] {res['method']}: wrote {res['metrics_file']}, {res['grid']}"
+          + (f"; MLflow run {res['mlflow']['run_id']}" if res.get("mlflow") else ""))
     return 0
 
 
@@ -94,10 +118,12 @@ def _cmd_register(args) -> int:
     from pathlib import Path
 
     reg = _registry(args)
-    metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics)
+    meta = Path(args.adapter) / "adapter.json"
+    method = str(json.loads(meta.read_text()).get("method")) if meta.is_file() else "unknown"
+    metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics).replace("{method}", method)
     out = reg.register(args.adapter, evaluation=metrics, name=args.name, alias=args.alias,
                        allow_mismatch=args.allow_mismatch, new_version=args.new_version)
-    dst = Path(args.out or reg.cfg.out)
+    dst = Path((args.out or reg.cfg.out).replace("{method}", method))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
     print(f"[registry] {out['name']} version {out['version']} -> @{out['alias']} ({out['uri']}, run {out['run_id']})"
@@ -110,7 +136,7 @@ def _cmd_promote(args) -> int:
 
     reg = _registry(args)
     try:
-        d = reg.promote(args.name, args.version, force=args.force)
+        d = reg.promote(args.name, args.version, force=args.force, method=args.method)
     except PromotionRefused as e:
         print(format_decision(e.decision), file=sys.stderr)
         return 1
@@ -127,7 +153,7 @@ def _cmd_rollback(args) -> int:
 
     reg = _registry(args)
     try:
-        d = reg.rollback(args.name)
+        d = reg.rollback(args.name, method=args.method)
     except RegistryError as e:
         print(f"[registry] {e}", file=sys.stderr)
         return 1
@@ -137,8 +163,8 @@ def _cmd_rollback(args) -> int:
 
 def _cmd_list(args) -> int:
     reg = _registry(args)
-    name = args.name or reg.cfg.model_name
-    rows = reg.list(None if args.all else name)
+    name = None if args.all else reg.model_name(args.method, name=args.name)
+    rows = reg.list(name)
     if args.json:
         _dump(rows)
         return 0
@@ -156,7 +182,7 @@ def _cmd_list(args) -> int:
 
 def _cmd_show(args) -> int:
     reg = _registry(args)
-    _dump(reg.show(args.name, args.ref))
+    _dump(reg.show(args.name, args.ref, method=args.method))
     return 0
 
 
@@ -178,21 +204,26 @@ def register(sub) -> None:
     """Add `generate`, `evaluate`, `registry` and `mlflow-server` to the `persona` parser."""
     fmt = argparse.RawDescriptionHelpFormatter
 
-    s = sub.add_parser("generate", help="images from reference photo(s) or a W+ code with an adapter",
-                       description="Reference photo(s) or a W+ .npy + prompt(s) -> PNG + JSON record + W+ .npy per "
-                       "image. `--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
+    s = sub.add_parser("generate", help="images from reference photo(s) and / or method inputs with an adapter",
+                       description="Reference photo(s) (or a method's own inputs) + prompt(s) -> PNG + JSON record "
+                       "+ the conditioner inputs per image, with any method's adapter through a diffusers pipeline. "
+                       "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
-    s.add_argument("--ref", action="append", help="reference photo (repeat to average W+ over several)")
-    s.add_argument("--wplus", help="W+ code .npy (18x512, or Nx18x512 averaged) instead of photos")
+    s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
+    s.add_argument("--weights", type=float, nargs="+", help="mixing weight per --ref (default: equal)")
+    s.add_argument("--region", action="append",
+                   help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
+    s.add_argument("--input", action="append", metavar="NAME=PATH",
+                   help="a method-specific input file (e.g. a code .npy, an expression photo; see the method's doc)")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method-specific option")
+    s.add_argument("--scheduler", choices=["ddim", "euler_a", "dpm++"], help="diffusers sampler (default params)")
     s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     s.add_argument("--negative-prompt", dest="negative_prompt")
     s.add_argument("--lambda", dest="lam", type=float, help="identity scale lambda (default params generate.scale)")
-    s.add_argument("--delay", type=int, help="DDIM steps with lambda 0 at the start (delayed identity)")
-    s.add_argument("--edit", help="W+ edit direction .npy (18x512 or 512)")
-    s.add_argument("--alpha", type=float, help="edit strength: w + alpha * direction")
+    s.add_argument("--delay", type=int, help="sampler steps with lambda 0 at the start (delayed identity)")
     s.add_argument("--seed", type=int)
     s.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed, seed+1, ...)")
-    s.add_argument("--steps", type=int, help="DDIM steps")
+    s.add_argument("--steps", type=int, help="sampler steps")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
@@ -211,7 +242,8 @@ def register(sub) -> None:
                        description="Generate for the val identities x prompts, score identity similarity, "
                        "detection rate, CLIP-T / LPIPS / FID where configured, and the real-photo control; write "
                        "metrics/evaluate.json + a grid, log to MLflow.", formatter_class=fmt)
-    s.add_argument("--adapter")
+    s.add_argument("--adapter", help="adapter folder or models:/ uri (default: params evaluate.adapter(s))")
+    s.add_argument("--method", help="evaluate params evaluate.adapters[METHOD]")
     s.add_argument("--shards")
     s.add_argument("--split")
     s.add_argument("--max-identities", dest="max_identities", type=int)
@@ -226,27 +258,30 @@ def register(sub) -> None:
     rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     s = rs.add_parser("register", help="register an adapter folder (+ eval results) as @candidate")
     s.add_argument("--adapter", required=True, help="adapter folder (adapter.safetensors + adapter.json)")
-    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics)")
+    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics, {method} filled in)")
     s.add_argument("--no-metrics", action="store_true", help="register without evaluation results")
     s.add_argument("--allow-mismatch", action="store_true", help="accept results made for another adapter file")
     s.add_argument("--new-version", action="store_true", help="always create a new version")
-    s.add_argument("--name", help="registered model (default: params registry.model_name)")
+    s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
     s.add_argument("--alias", default="candidate")
     s.add_argument("--out", help="write the registration summary here (default: params registry.out)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_register)
     s = rs.add_parser("promote", help="move @champion to @candidate if it beats the champion on the gate metrics")
     s.add_argument("--name")
+    s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     s.add_argument("--version", help="promote this version instead of @candidate")
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded on the version)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_promote)
     s = rs.add_parser("rollback", help="move @champion back to the previous champion")
     s.add_argument("--name")
+    s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_rollback)
     s = rs.add_parser("list", help="versions with aliases and metrics")
     s.add_argument("--name")
+    s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     s.add_argument("--all", action="store_true", help="list registered models instead")
     s.add_argument("--json", action="store_true")
     _mlflow_args(s)
@@ -254,6 +289,7 @@ def register(sub) -> None:
     s = rs.add_parser("show", help="one version (number or alias, default champion) as JSON")
     s.add_argument("ref", nargs="?", default="champion")
     s.add_argument("--name")
+    s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_show)
 

@@ -4,9 +4,10 @@
   experiment's artifact location all set explicitly (MLflow 3 picks different defaults depending
   on what the working directory holds; DESIGN.md section 8). A local artifact location is made
   absolute (a relative one would be resolved against whatever directory a later reader runs in).
-* lineage: `git_commit()` (`git rev-parse HEAD`, 'unknown' outside git), `shards_hash()` (the md5
-  DVC recorded for the shards folder in dvc.lock; 'none' when the folder is not a DVC output there
-  or no longer matches it), `lineage_tags()`.
+* lineage: `shards_hash()` (the md5 DVC recorded for the shards folder in dvc.lock; 'none' when
+  the folder is not a DVC output there or no longer matches it), `lineage_tags()` (the git commit
+  comes from `pipeline.gitinfo`).
+* the experiment name is `mlflow.experiment` with "{method}" filled in (`experiment_name`).
 * `warn_random_weights()`: the loud warning when any model in the run has random weights.
 Everything that writes to MLflow is rank-0 only.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -25,31 +25,9 @@ from training.config import MlflowConfig
 
 log = logging.getLogger("persona.training.tracking")
 
-METHOD = "wplus"
-
 
 # ============================================================================================
 # lineage
-
-
-def git_commit(cwd: Optional[str | os.PathLike] = None) -> str:
-    """`git rev-parse HEAD` of the repository containing `cwd` (default: this one); 'unknown' outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else "unknown"
-
-
-def git_dirty(cwd: Optional[str | os.PathLike] = None) -> Optional[bool]:
-    """True when tracked files differ from HEAD (None outside git)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def _folder_stats(folder: Path) -> tuple[int, int]:
@@ -89,12 +67,12 @@ def shards_hash(shards: str | os.PathLike, dvc_lock: str | os.PathLike = "dvc.lo
     return "none"
 
 
-def lineage_tags(stage: int, commit: str, shards: str, weights_real: Mapping[str, bool],
+def lineage_tags(method: str, phase: str, commit: str, shards: str, weights_real: Mapping[str, bool],
                  dirty: Optional[bool] = None) -> dict[str, str]:
-    """MLflow tags: method, stage, git_commit, shards_hash, weights_real.<model>, weights_random."""
+    """MLflow tags: method, phase, git_commit, shards_hash, weights_real.<model>, weights_random."""
     tags = {
-        "method": METHOD,
-        "stage": str(stage),
+        "method": method,
+        "phase": phase,
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
         "shards_hash": shards,
@@ -150,8 +128,12 @@ def run_exists(tracking_uri: str, run_id: Optional[str]) -> bool:
     return run.info.lifecycle_stage == "active"
 
 
-def make_logger(cfg: MlflowConfig, stage: int, tags: Mapping[str, str], run_id: Optional[str] = None):
-    """Lightning MLFlowLogger for `stage` (a new run, or `run_id` continued when it exists)."""
+def experiment_name(cfg: MlflowConfig, method: str) -> str:
+    return cfg.experiment.replace("{method}", method)
+
+
+def make_logger(cfg: MlflowConfig, method: str, run_name: str, tags: Mapping[str, str], run_id: Optional[str] = None):
+    """Lightning MLFlowLogger for one method phase (a new run, or `run_id` continued when it exists)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     setup_mlflow(cfg)
@@ -159,8 +141,8 @@ def make_logger(cfg: MlflowConfig, stage: int, tags: Mapping[str, str], run_id: 
         log.warning("MLflow run %s not found at %s: starting a new run", run_id, cfg.tracking_uri)
         run_id = None
     return MLFlowLogger(
-        experiment_name=cfg.experiment,
-        run_name=cfg.run_name or f"{METHOD}-stage{stage}",
+        experiment_name=experiment_name(cfg, method),
+        run_name=cfg.run_name or run_name,
         tracking_uri=cfg.tracking_uri,
         tags=dict(tags),
         artifact_location=artifact_location(cfg.artifact_location),
@@ -186,13 +168,13 @@ def set_tags(logger, tags: Mapping[str, Any]) -> None:
         logger.experiment.set_tag(logger.run_id, k, str(v))
 
 
-def run_info(logger, cfg: MlflowConfig) -> dict[str, Optional[str]]:
+def run_info(logger, cfg: MlflowConfig, method: str) -> dict[str, Optional[str]]:
     """{"tracking_uri", "registry_uri", "run_id", "experiment", "artifact_uri"} (ids None without a logger)."""
     info: dict[str, Optional[str]] = {
         "tracking_uri": cfg.tracking_uri if logger is not None else None,
         "registry_uri": (cfg.registry_uri or cfg.tracking_uri) if logger is not None else None,
         "run_id": None,
-        "experiment": cfg.experiment if logger is not None else None,
+        "experiment": experiment_name(cfg, method) if logger is not None else None,
         "artifact_uri": None,
     }
     if logger is not None:

@@ -1,29 +1,33 @@
-"""`train(params, stage, ...)`: one W+ Adapter training stage as a Lightning job, tracked in MLflow.
+"""`train(params, method, phase, ...)`: one method phase as a Lightning job, tracked in MLflow.
 
 A plain function (no globals, no argparse) so a Ray Train `TorchTrainer` can call it per worker:
 pass `trainer_kwargs` (strategy / plugins / devices), `callbacks` and `prepare_trainer` (e.g.
 `ray.train.lightning.prepare_trainer`). MLflow calls and file outputs happen on global rank 0 only.
+Knows no method by name: the method and phase come from the registry (`training.methods`).
 
-Outputs (paths from the `train` section; N = stage):
-    <out_dir>/stageN/adapter.safetensors   the adapter only (`save_adapter`; EMA weights when ema > 0)
-    <out_dir>/stageN/adapter.json          {"method", "stage", "base_model", "wproj", "scale", "mlflow",
-                                            "lineage", "weights_real", "global_step", "seed", ...}
-    <checkpoints_dir>/stageN/              Lightning checkpoints (adapter + optimizer + schedule + EMA,
-                                            never the frozen UNet), last N kept + last.ckpt, run.json
-    <metrics_dir>/train_stageN.json        final / first loss, steps, throughput (DVC metrics)
-    <plots_dir>/train_stageN.csv           step,loss[,rec,dis,reg] (DVC plots)
-    <plots_dir>/train_stageN_samples.png   final sample grid (top: reference faces, bottom: generated)
-MLflow run: params, metrics (loss, loss_rec, loss_dis, loss_reg, lr, samples_per_s), sample grids
-(`samples/`), the adapter (`adapter/adapter.safetensors` + `adapter/adapter.json`) and lineage tags.
+Outputs (paths from the `train` section; M = method, P = the phase's output name, usually the phase):
+    <out_dir>/M/P/adapter.safetensors    the adapter (`training.adapter.save_adapter`: self-describing,
+                                          EMA weights when ema > 0; never the frozen UNet)
+    <out_dir>/M/P/adapter.json           {"method", "phase", "base_model", "conditioner", "injection",
+                                          "scale", "mlflow", "lineage", "weights_real", "global_step", "seed", ...}
+    <checkpoints_dir>/M/P/               Lightning checkpoints (trained weights + optimizer + schedule +
+                                          EMA), last N kept + last.ckpt, run.json
+    <metrics_dir>/train_M_P.json         final / first loss terms, steps, throughput (DVC metrics)
+    <plots_dir>/train_M_P.csv            step,loss[,<term>...] (DVC plots)
+    <plots_dir>/train_M_P_samples.png    final sample grid (top: reference faces, bottom: generated)
+MLflow run (experiment `train.mlflow.experiment`, "{method}" filled in): params, metrics (loss,
+loss_<term>, lr, samples_per_s), sample grids (`samples/`), the adapter (`adapter/adapter.safetensors`
++ `adapter/adapter.json`) and lineage tags.
 
-Resume (`resume="auto"`): when <checkpoints_dir>/stageN/run.json has this run's signature (config
-minus max_steps / logging knobs, data, base model, Stage I adapter), training continues from the
+Resume (`resume="auto"`): when <checkpoints_dir>/M/P/run.json has this run's signature (config
+minus max_steps / logging knobs, data, base model, init adapter, code), training continues from the
 newest checkpoint and the same MLflow run; otherwise stale checkpoints are removed and it starts
 fresh. `resume="never"` always starts fresh; a path resumes from that checkpoint.
 """
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -39,14 +43,20 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pipeline.config import Params
+from pipeline.devices import resolve_device
+from pipeline.digests import sha256_file
+from pipeline.gitinfo import git_commit, git_dirty
 from pipeline.images import encode_png
 from pipeline.models.base import file_fingerprint, text_fingerprint
 from pipeline.models.diffusion import DiffusionComponents, load_diffusion
-from training.adapters import WProj, WPlusAdapter, install_wplus_adapter, load_adapter, save_adapter
-from training.config import TrainConfig, TrainParams, flat_params, run_signature, train_params
-from training.data import WPlusDataModule, seed_of
-from training.module import WPlusModule, image_grid
-from training import tracking
+from training import methods, tracking
+from training.adapter import PersonaAdapter, read_adapter_file, save_adapter
+from training.config import TrainConfig, TrainParams, flat_params, method_options, run_signature, train_params
+from training.data import PersonaDataModule
+from training.methods.base import Method, Phase, PhaseConfig
+from training.module import PersonaModule, image_grid
+from training.sampling import make_pipeline, sample
+from training.step import seed_of
 
 log = logging.getLogger("persona.training")
 
@@ -54,19 +64,12 @@ ADAPTER_FILE = "adapter.safetensors"
 RECORD_FILE = "adapter.json"
 RUN_FILE = "run.json"
 _STEP_RE = re.compile(r"step=(\d+)\.ckpt$")
+TRAINING_SOURCES = ("train.py", "data.py", "module.py", "step.py", "losses.py", "transforms.py", "adapter.py",
+                    "methods/base.py")
 
 
 # ============================================================================================
 # devices and precision
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no GPU")
-    return name
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -108,43 +111,65 @@ def load_components(cfg: TrainConfig, dtype: torch.dtype = torch.float32) -> Dif
     return comps.freeze()
 
 
-def stage1_adapter_path(tp: TrainParams) -> Path:
-    return Path(tp.stage2.init) if tp.stage2.init else Path(tp.train.out_dir) / "stage1" / ADAPTER_FILE
+def output_dir(root: str | os.PathLike, method: Method, phase: Phase, cfg: PhaseConfig) -> Path:
+    return Path(root) / method.name / phase.output_name(cfg)
 
 
-def build_adapter(stage: int, tp: TrainParams, comps: DiffusionComponents) -> tuple[WPlusAdapter, Optional[Path]]:
-    """Stage I: a fresh adapter (WProj init seeded by train.seed). Stage II: Stage I's adapter,
-    WProj frozen. The adapter weights are fp32 whatever the frozen parts' dtype."""
-    if stage == 1:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of("wproj-init", tp.train.seed) % (2**63))
-            wproj = WProj(cross_dim=comps.cross_attention_dim)
-        adapter = install_wplus_adapter(comps.unet, wproj, dtype=torch.float32)
-        return adapter, None
-    init = stage1_adapter_path(tp)
-    if not init.is_file():
-        raise FileNotFoundError(f"Stage II starts from the Stage I adapter, but {init} does not exist "
-                                "(run `persona train --stage 1` first, or set train_stage2.init)")
-    rec_path = init.parent / RECORD_FILE
-    if rec_path.is_file():
-        rec = json.loads(rec_path.read_text())
-        if rec.get("base_model") != base_model_record(tp.train):
-            raise ValueError(f"Stage I adapter {init} was trained on base model {rec.get('base_model')}, "
+def init_adapter_path(tp: TrainParams, method: Method, phase: Phase) -> Optional[Path]:
+    """The adapter a phase starts from: `init` of its params (file, adapter folder or models:/ uri),
+    else the output of `Phase.init` in out_dir, else None (a fresh adapter)."""
+    spec = tp.phase(method.name, phase.name).init
+    if spec:
+        if spec.startswith("models:/"):
+            from training.generate import resolve_adapter
+
+            return resolve_adapter(spec).folder / ADAPTER_FILE
+        p = Path(spec)
+        return p / ADAPTER_FILE if p.is_dir() else p
+    if phase.init is None:
+        return None
+    prev = method.phase(phase.init)
+    return output_dir(tp.train.out_dir, method, prev, tp.phase(method.name, prev.name)) / ADAPTER_FILE
+
+
+def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: DiffusionComponents) -> tuple[PersonaAdapter, Optional[Path]]:
+    """A fresh adapter installed on `comps` (conditioner init seeded by (its class, train.seed)), with
+    the init adapter's tensors loaded when the phase starts from one. Adapter weights are fp32
+    whatever the frozen parts' dtype."""
+    mcfg = tp.method(method.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(f"{method.conditioner.__name__.lower()}-init", tp.train.seed) % (2**63))
+        cond = method.conditioner(**method.conditioner_config(mcfg, comps))
+    inj = method.injection(**method.injection_config(mcfg, comps))
+    adapter = PersonaAdapter(method.name, cond, inj, phase=phase.name, base_model=base_model_record(tp.train))
+    init = init_adapter_path(tp, method, phase)
+    if init is not None:
+        if not init.is_file():
+            raise FileNotFoundError(f"{method.name}.{phase.name} starts from the adapter {init}, which does not exist "
+                                    f"(train phase '{phase.init}' first, or set train.methods.{method.name}.{phase.name}.init)")
+        tensors, meta = read_adapter_file(init)
+        if json.loads(meta.get("base_model") or "null") != base_model_record(tp.train):
+            raise ValueError(f"init adapter {init} was trained on base model {meta.get('base_model')}, "
                              f"this run uses {base_model_record(tp.train)}")
-        if rec.get("stage") != 1:
-            log.warning("train_stage2.init %s is a stage-%s adapter, not stage 1", init, rec.get("stage"))
-    else:
-        log.warning("no %s beside %s: cannot check its base model", RECORD_FILE, init)
-    adapter = load_adapter(comps.unet, init, freeze_unet=True)
-    adapter.float()
-    adapter.wproj.requires_grad_(False)
+        if meta.get("method") != method.name:
+            log.warning("init adapter %s is a '%s' adapter, this run trains '%s'", init, meta.get("method"), method.name)
+        elif phase.init and meta.get("phase") != phase.init:
+            log.warning("init adapter %s is from phase %s, not %s", init, meta.get("phase"), phase.init)
+        cond.load_state_dict({k[len("conditioner."):]: v for k, v in tensors.items() if k.startswith("conditioner.")},
+                             strict=True)
+        adapter.trained_base = json.loads(meta.get("trained_base") or "[]")
+        adapter.pending = {k: v for k, v in tensors.items() if not k.startswith("conditioner.")}
+    adapter.install(comps, dtype=torch.float32)
     return adapter, init
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(method: Method) -> str:
     """Hash of the sources that shape the weight trajectory (a code change never resumes old checkpoints)."""
     root = Path(__file__).resolve().parent
-    files = [root / n for n in ("train.py", "data.py", "module.py", "losses.py")] + sorted((root / "adapters").glob("*.py"))
+    files = [root / n for n in TRAINING_SOURCES] + sorted((root / "adapters").glob("*.py"))
+    own = inspect.getsourcefile(type(method))
+    if own:
+        files.append(Path(own))
     return text_fingerprint(*[(p.name, file_fingerprint(p)) for p in files if p.is_file()])
 
 
@@ -245,20 +270,29 @@ def prepare_checkpoints(ckdir: Path, signature: str, resume: str) -> tuple[Optio
 
 
 class SampleGrids(Callback):
-    """Every `every` steps (and via `render` at the end): DDIM samples from the val faces' W+
-    codes; the grid (top row: reference faces, bottom: generated) goes to `folder` and MLflow."""
+    """Every `every` steps (and via `render` at the end): samples conditioned on the val faces'
+    inputs through the diffusers pipeline; the grid (top row: reference faces, bottom: generated)
+    goes to `folder` and MLflow."""
 
     def __init__(self, val: dict, every: int, folder: Path, sampling):
         self.val, self.every, self.folder, self.sampling = val, every, Path(folder), sampling
         self.last_step = -1
 
-    def render(self, trainer: Optional[L.Trainer], module: WPlusModule, step: int) -> Optional[Path]:
+    def render(self, trainer: Optional[L.Trainer], module: PersonaModule, step: int) -> Optional[Path]:
         if trainer is not None and not trainer.is_global_zero:
             return None
         s = self.sampling
-        with module.export_weights():
-            imgs = module.generate(self.val["wplus"], list(self.val["prompt"]), steps=s.steps, guidance=s.guidance,
-                                   seed=s.seed)
+        k = len(self.val["prompt"])
+        was_training = module.adapter.training
+        module.adapter.eval()
+        try:
+            with module.export_weights() as adapter:
+                imgs = sample(make_pipeline(module.components, s.scheduler), adapter,
+                              [[inp] for inp in self.val["inputs"]], self.val["prompt"], [s.seed + i for i in range(k)],
+                              scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
+                              height=self.val["face"].shape[-1], width=self.val["face"].shape[-1])
+        finally:
+            module.adapter.train(was_training)
         path = self.folder / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(image_grid([self.val["face"], imgs])))
@@ -277,47 +311,53 @@ class SampleGrids(Callback):
 # outputs
 
 
-def export_adapter(module: WPlusModule, folder: Path, record: dict) -> tuple[Path, Path]:
-    """Write adapter.safetensors (EMA weights when enabled) and adapter.json into `folder`."""
+def export_adapter(module: PersonaModule, folder: Path, record: dict) -> tuple[Path, Path]:
+    """Write adapter.safetensors (EMA weights when enabled) and adapter.json into `folder`, atomically."""
+    from pipeline.store import atomic_write_json
+
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"method": record["method"], "stage": str(record["stage"]), "global_step": str(record["global_step"])}
+    meta = {"global_step": str(record["global_step"]), "seed": str(record["seed"]),
+            "resolution": str(record["resolution"])}
     with module.export_weights() as adapter:
         st = save_adapter(adapter, folder / ADAPTER_FILE, metadata=meta)
     js = folder / RECORD_FILE
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, js)
+    atomic_write_json(js, record)
     return st, js
 
 
-def _loss_columns(stage: int) -> list[str]:
-    return ["step", "loss"] + (["rec", "dis", "reg"] if stage == 2 else [])
+def history_columns(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """step, loss, then the other terms in the order they were first logged."""
+    cols = ["step", "loss"]
+    for row in history:
+        cols += [k for k in row if k not in cols]
+    return cols
 
 
-def write_plot(history: Sequence[Sequence[float]], path: Path, stage: int) -> Path:
-    """CSV step,loss[,rec,dis,reg] (one row per logged step)."""
+def write_plot(history: Sequence[Mapping[str, float]], path: Path) -> Path:
+    """CSV step,loss[,<term>...] (one row per logged step)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = _loss_columns(stage)
+    cols = history_columns(history)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in history:
-            w.writerow([int(row[0])] + [f"{v:.6g}" for v in row[1:len(cols)]])
+            w.writerow([int(row["step"])] + [f"{row[c]:.6g}" if c in row else "" for c in cols[1:]])
     return path
 
 
-def summarize(history: Sequence[Sequence[float]], stage: int) -> dict[str, float]:
-    """First / last / mean-of-last-10 of each logged loss."""
+def summarize(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """First / last / mean-of-last-10 of each logged loss term (`loss`, `loss_<term>`)."""
     out: dict[str, float] = {}
     if not history:
         return out
-    cols = _loss_columns(stage)[1:]
     tail = history[-10:]
-    for j, c in enumerate(cols, start=1):
+    for c in history_columns(history)[1:]:
         key = "loss" if c == "loss" else f"loss_{c}"
-        out[key] = round(float(history[-1][j]), 6)
-        out[f"{key}_first"] = round(float(history[0][j]), 6)
-        out[f"{key}_last10_mean"] = round(sum(r[j] for r in tail) / len(tail), 6)
+        vals = [r[c] for r in history if c in r]
+        out[key] = round(float(vals[-1]), 6)
+        out[f"{key}_first"] = round(float(vals[0]), 6)
+        t = [r[c] for r in tail if c in r]
+        out[f"{key}_last10_mean"] = round(sum(t) / len(t), 6) if t else None
     return out
 
 
@@ -335,8 +375,10 @@ def _quiet_lightning() -> None:
 
 def train(
     params: Union[Params, Mapping[str, Any], str, os.PathLike, None] = None,
-    stage: int = 1,
+    method: Optional[str] = None,
+    phase: Optional[str] = None,
     *,
+    stage: Optional[int] = None,
     max_steps: Optional[int] = None,
     fast_dev_run: bool = False,
     overrides: Optional[Mapping[str, Any]] = None,
@@ -345,76 +387,81 @@ def train(
     callbacks: Optional[Sequence[Callback]] = None,
     prepare_trainer: Optional[Callable[[L.Trainer], L.Trainer]] = None,
 ) -> dict[str, Any]:
-    """Train W+ Adapter `stage` (1 or 2); returns a result dict (paths, step, metrics, MLflow run).
+    """Train one phase of a registered method; returns a result dict (paths, step, metrics, MLflow run).
 
     params: a `Params`, the raw params dict, or a params.yaml path (None: defaults).
-    overrides: dotted keys, e.g. {"train.synthetic": 16, "train_stage1.batch_size": 2}.
-    max_steps: overrides train_stageN.max_steps. fast_dev_run: one step, no MLflow, no checkpoints,
+    method / phase: names in the registry (`stage=N`: a phase alias a method declares).
+    overrides: dotted keys, e.g. {"train.synthetic": 16, "<method>.<phase>.batch_size": 2}.
+    max_steps: overrides the phase's max_steps. fast_dev_run: one step, no MLflow, no checkpoints,
     no metrics (the adapter files are still written, marked "fast_dev_run": true).
     """
     t0 = time.perf_counter()
     _quiet_lightning()
+    m, phase_name = methods.resolve(method, phase, stage)
     tp = train_params(params, overrides)
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    cfg, scfg = tp.train, tp.stage(stage)
+    ph = m.phase(phase_name)
+    cfg, pcfg = tp.train, tp.phase(m.name, ph.name)
     if max_steps is not None:
-        scfg.max_steps = int(max_steps)
-    device = resolve_device(cfg.device)
+        pcfg.max_steps = int(max_steps)
+    device = resolve_device(cfg.device).type
     threads = cfg.threads or (1 if device == "cpu" and cfg.base_model.preset == "tiny" and not cfg.base_model.path else 0)
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(tp, stage, cfg, scfg, device, t0, fast_dev_run, resume, trainer_kwargs, callbacks, prepare_trainer)
+        return _train(tp, m, ph, pcfg, device, t0, fast_dev_run, resume, trainer_kwargs, callbacks, prepare_trainer)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train(tp: TrainParams, stage: int, cfg: TrainConfig, scfg, device: str, t0: float, fast_dev_run: bool, resume: str,
-           trainer_kwargs, callbacks, prepare_trainer) -> dict[str, Any]:
+def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, device: str, t0: float, fast_dev_run: bool,
+           resume: str, trainer_kwargs, callbacks, prepare_trainer) -> dict[str, Any]:
+    cfg = tp.train
     precision = resolve_precision(cfg.precision, device)
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
+    name = f"{method.name}-{phase.output_name(pcfg)}"
+    tag = f"{method.name}.{phase.output_name(pcfg)}"
 
     comps = load_components(cfg, resolve_frozen_dtype(cfg.frozen_dtype, precision))
-    adapter, init = build_adapter(stage, tp, comps)
-    dm = WPlusDataModule(stage, cfg, scfg)
+    adapter, init = build_adapter(method, phase, tp, comps)
+    dm = PersonaDataModule(method, phase, cfg, pcfg)
     dm.setup()
     data = dm.describe()
     weights_real = {f"diffusion.{k}": bool(v.weights_real) for k, v in comps.info.items()}
     weights_real.update(dm.weights_real())
-    tracking.warn_random_weights(weights_real, f"W+ Adapter stage {stage}")
+    tracking.warn_random_weights(weights_real, f"training {tag}")
     base_fp = sorted((k, v.fingerprint) for k, v in comps.info.items())
-    signature = run_signature(tp, stage, data["signature"], base_fp, file_fingerprint(init) if init else None,
-                              code_fingerprint())
+    signature = run_signature(tp, method.name, phase.name, data["signature"], base_fp,
+                              file_fingerprint(init) if init else None, code_fingerprint(method))
 
-    ckdir = Path(cfg.checkpoints_dir) / f"stage{stage}"
-    out = Path(cfg.out_dir) / f"stage{stage}"
+    ckdir = output_dir(cfg.checkpoints_dir, method, phase, pcfg)
+    out = output_dir(cfg.out_dir, method, phase, pcfg)
     ckpt_path, prior = (None, None) if fast_dev_run else prepare_checkpoints(ckdir, signature, resume)
 
-    commit, shards = tracking.git_commit(), ("none" if cfg.synthetic else
-                                             tracking.shards_hash(cfg.shards, cfg.dvc_lock, cfg.shards_stage))
-    tags = tracking.lineage_tags(stage, commit, shards, weights_real, tracking.git_dirty())
+    commit = git_commit() or "unknown"
+    shards = "none" if cfg.synthetic else tracking.shards_hash(cfg.shards, cfg.dvc_lock, cfg.shards_stage)
+    tags = tracking.lineage_tags(method.name, phase.name, commit, shards, weights_real, git_dirty())
     logger = None
     if cfg.mlflow.enabled and not fast_dev_run:
         same_store = prior and prior.get("tracking_uri") == cfg.mlflow.tracking_uri
-        logger = tracking.make_logger(cfg.mlflow, stage, tags, run_id=prior.get("run_id") if same_store else None)
+        logger = tracking.make_logger(cfg.mlflow, method.name, name, tags,
+                                      run_id=prior.get("run_id") if same_store else None)
 
-    module = WPlusModule(stage, tp, comps, adapter, signature)
+    module = PersonaModule(method, phase, pcfg, cfg.seed, comps, adapter, signature)
     val = dm.val_examples()
-    grids = SampleGrids(val, scfg.sample_every, ckdir / "samples", cfg.sampling)
+    grids = SampleGrids(val, pcfg.sample_every, ckdir / "samples", cfg.sampling)
     cbs: list[Callback] = [grids]
     if not fast_dev_run:
-        cbs.append(checkpoint_callback(ckdir, scfg.checkpoint_every, scfg.keep_last))
+        cbs.append(checkpoint_callback(ckdir, pcfg.checkpoint_every, pcfg.keep_last))
     cbs += list(callbacks or [])
     tk = dict(trainer_kwargs or {})
     plugins = [AtomicCheckpointIO()] + list(tk.pop("plugins", []) or [])
     kwargs: dict[str, Any] = dict(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-        max_steps=scfg.max_steps, logger=logger if logger is not None else False, callbacks=cbs,
-        gradient_clip_val=scfg.grad_clip or None, accumulate_grad_batches=scfg.accumulate,
-        log_every_n_steps=scfg.log_every, enable_checkpointing=not fast_dev_run, fast_dev_run=fast_dev_run,
+        max_steps=pcfg.max_steps, logger=logger if logger is not None else False, callbacks=cbs,
+        gradient_clip_val=pcfg.grad_clip or None, accumulate_grad_batches=pcfg.accumulate,
+        log_every_n_steps=pcfg.log_every, enable_checkpointing=not fast_dev_run, fast_dev_run=fast_dev_run,
         plugins=plugins, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=str(ckdir), enable_progress_bar=False,
     )
@@ -424,10 +471,10 @@ def _train(tp: TrainParams, stage: int, cfg: TrainConfig, scfg, device: str, t0:
         trainer = prepare_trainer(trainer)
 
     if logger is not None and trainer.is_global_zero:
-        hp = {"stage": stage, "signature": signature, "precision": precision, "device": device,
-              "data.train_samples": data["train_samples"], "data.source": data["source"],
-              **flat_params(to_section(tp, "train"), "train."),
-              **flat_params(to_section(tp, f"train_stage{stage}"), f"train_stage{stage}.")}
+        hp = {"method": method.name, "phase": phase.name, "signature": signature, "precision": precision,
+              "device": device, "data.train_samples": data["train_samples"], "data.source": data["source"],
+              **flat_params({k: v for k, v in tp.as_dict().items() if k not in ("methods", "runs")}, "train."),
+              **flat_params(method_options(tp, method.name), "method."), **flat_params(pcfg, "phase.")}
         if init:
             hp["init"] = str(init)
         try:
@@ -435,50 +482,53 @@ def _train(tp: TrainParams, stage: int, cfg: TrainConfig, scfg, device: str, t0:
         except Exception as e:  # noqa: BLE001 - a resumed run with a changed non-trajectory param
             log.warning("MLflow params not (re)logged: %s", e)
         (ckdir / RUN_FILE).write_text(json.dumps({"signature": signature, "run_id": logger.run_id,
-                                                  "tracking_uri": cfg.mlflow.tracking_uri, "stage": stage},
-                                                 indent=2) + "\n")
+                                                  "tracking_uri": cfg.mlflow.tracking_uri, "method": method.name,
+                                                  "phase": phase.name}, indent=2) + "\n")
 
-    log.info("W+ Adapter stage %d: %s, %s, %d train samples, resume=%s", stage, device, precision,
-             data["train_samples"], ckpt_path)
+    log.info("%s: %s, %s, %d train samples, resume=%s", tag, device, precision, data["train_samples"], ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     step = int(trainer.global_step)
 
-    result: dict[str, Any] = {"stage": stage, "global_step": step, "resumed_from": str(ckpt_path) if ckpt_path else None,
-                              "checkpoint_dir": str(ckdir), "device": device, "precision": precision,
-                              "weights_real": weights_real, "data": data}
+    result: dict[str, Any] = {"method": method.name, "phase": phase.name, "global_step": step,
+                              "resumed_from": str(ckpt_path) if ckpt_path else None, "checkpoint_dir": str(ckdir),
+                              "device": device, "precision": precision, "weights_real": weights_real, "data": data}
     if not trainer.is_global_zero:
         return result
     final_grid = None
     if not fast_dev_run:
         final_grid = grids.render(trainer, module, step) if grids.last_step != step else grids.folder / f"step_{step:06d}.png"
-    mlflow_info = tracking.run_info(logger, cfg.mlflow)
+    mlflow_info = tracking.run_info(logger, cfg.mlflow, method.name)
     record = {
-        "method": tracking.METHOD, "stage": stage, "base_model": base_model_record(cfg),
-        "wproj": adapter.wproj.config(), "scale": 1.0,
+        "method": method.name, "phase": phase.name, "output": phase.output_name(pcfg),
+        "base_model": base_model_record(cfg),
+        "conditioner": adapter.conditioner.config(), "injection": adapter.injection.config(),
+        "trained_base": list(adapter.trained_base), "scale": 1.0,
         "mlflow": {k: mlflow_info[k] for k in ("tracking_uri", "run_id", "experiment")},
         "lineage": {"git_commit": commit, "shards_hash": shards},
         "weights_real": weights_real, "global_step": step, "seed": cfg.seed,
         # extras (not part of the minimal contract)
         "mlflow_extra": {k: mlflow_info[k] for k in ("registry_uri", "artifact_uri")},
-        "resolution": cfg.resolution, "ema": scfg.ema or None, "signature": signature,
-        "init": {"path": str(init), "sha256": file_fingerprint(init, 64)} if init else None,
-        "fast_dev_run": bool(fast_dev_run), "layers": adapter.layer_names,
+        "resolution": cfg.resolution, "ema": pcfg.ema or None, "signature": signature,
+        "init": {"path": str(init), "sha256": sha256_file(init)} if init else None,
+        "fast_dev_run": bool(fast_dev_run),
     }
     st, js = export_adapter(module, out, record)
     if not fast_dev_run:
-        prune_checkpoints(ckdir, scfg.keep_last)
+        prune_checkpoints(ckdir, pcfg.keep_last)
     seconds = round(time.perf_counter() - t0, 3)
-    metrics = {"stage": stage, "global_step": step, "seconds": seconds, **summarize(module.history, stage),
+    metrics = {"method": method.name, "phase": phase.name, "global_step": step, "seconds": seconds,
+               **summarize(module.history),
                "samples_per_s": round(float(module._last_log.get("samples_per_s", 0.0)), 3),
                "weights_random": not all(weights_real.values()),
                "resumed_from_step": _ckpt_step(ckpt_path)}
     if not fast_dev_run:
+        stem = f"train_{method.name}_{phase.output_name(pcfg)}"
         Path(cfg.metrics_dir).mkdir(parents=True, exist_ok=True)
-        mpath = Path(cfg.metrics_dir) / f"train_stage{stage}.json"
+        mpath = Path(cfg.metrics_dir) / f"{stem}.json"
         mpath.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        ppath = write_plot(module.history, Path(cfg.plots_dir) / f"train_stage{stage}.csv", stage)
+        ppath = write_plot(module.history, Path(cfg.plots_dir) / f"{stem}.csv")
         if final_grid is not None and Path(final_grid).is_file():
-            gpath = Path(cfg.plots_dir) / f"train_stage{stage}_samples.png"
+            gpath = Path(cfg.plots_dir) / f"{stem}_samples.png"
             gpath.write_bytes(Path(final_grid).read_bytes())
         if logger is not None:
             tracking.log_artifacts(logger, [st, js], "adapter")
@@ -487,7 +537,7 @@ def _train(tp: TrainParams, stage: int, cfg: TrainConfig, scfg, device: str, t0:
             logger.experiment.log_metric(logger.run_id, "train_seconds", seconds, step=step)
     result.update(adapter=str(st), adapter_json=str(js), record=record, metrics=metrics,
                   run_id=mlflow_info["run_id"], tracking_uri=mlflow_info["tracking_uri"], seconds=seconds)
-    print(f"[train_stage{stage}] done: step {step}, loss {metrics.get('loss')}, adapter {st}, "
+    print(f"[train {tag}] done: step {step}, loss {metrics.get('loss')}, adapter {st}, "
           f"mlflow run {mlflow_info['run_id']} in {seconds:.1f}s", flush=True)
     return result
 
@@ -498,7 +548,3 @@ def _ckpt_step(path: Optional[Path]) -> Optional[int]:
     p = Path(path)
     m = _STEP_RE.search(p.resolve().name if p.is_symlink() else p.name)
     return int(m.group(1)) if m else None
-
-
-def to_section(tp: TrainParams, name: str) -> dict:
-    return tp.as_dict()[name]

@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.digests import sha256_file
+
 log = logging.getLogger("persona.models")
 
 _FP_CACHE: dict[tuple[str, int, int], str] = {}
@@ -36,11 +38,7 @@ def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FP_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _FP_CACHE[key] = h.hexdigest()
+        _FP_CACHE[key] = sha256_file(p)
     return _FP_CACHE[key][:length]
 
 

@@ -229,8 +229,8 @@ class DiffusionComponents:
     def freeze(self) -> "DiffusionComponents":
         """`requires_grad_(False)` + eval() on UNet, VAE and text encoder.
 
-        Call it BEFORE `install_wplus_adapter`: the adapter's processors become UNet submodules, so
-        freezing the UNet afterwards would freeze them too.
+        Call it BEFORE installing an adapter (`PersonaAdapter.install`): its processors become UNet
+        submodules, so freezing the UNet afterwards would freeze them too.
         """
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
@@ -292,7 +292,9 @@ class DiffusionComponents:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.devices import resolve_device
+
+    return resolve_device("auto")
 
 
 def _schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:

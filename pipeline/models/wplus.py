@@ -319,7 +319,9 @@ def preprocess(faces: Sequence[np.ndarray], size: int = 256) -> torch.Tensor:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.devices import resolve_device
+
+    return resolve_device("auto")
 
 
 class WPlusEncoder:

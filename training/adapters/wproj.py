@@ -1,4 +1,6 @@
-"""W+ Adapter mapping network F: StyleGAN W+ code (B, 18, 512) -> 4 tokens (B, 4, cross_dim).
+"""Grouped code projection (the W+ Adapter's mapping network F): StyleGAN W+ code (B, 18, 512) ->
+4 tokens (B, 4, cross_dim). A conditioner (`training.adapters.base.Conditioner`): its input is
+`inputs[key]` (or a tensor).
 
 The 18 W+ rows are split into the groups [0:4], [4:8], [8:12], [12:18]; each group is flattened
 (rows * 512) and mapped by its own Linear to `cross_dim`; the four tokens share one LayerNorm.
@@ -8,7 +10,7 @@ An all-zero W+ code (the "dropped image" condition) maps to the LayerNorm bias f
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ class WProj(nn.Module):
         groups: Sequence[tuple[int, int]] = DEFAULT_GROUPS,
         w_dim: int = W_DIM,
         bias: bool = False,
+        key: str = "code",
     ) -> None:
         super().__init__()
         self.groups = tuple((int(a), int(b)) for a, b in groups)
@@ -35,6 +38,7 @@ class WProj(nn.Module):
         self.cross_dim = int(cross_dim)
         self.w_dim = int(w_dim)
         self.rows = max(b for _, b in self.groups)
+        self.key = str(key)
         self.proj = nn.ModuleList(nn.Linear((b - a) * self.w_dim, self.cross_dim, bias=bias) for a, b in self.groups)
         self.norm = nn.LayerNorm(self.cross_dim)
 
@@ -49,9 +53,12 @@ class WProj(nn.Module):
             "groups": [list(g) for g in self.groups],
             "w_dim": self.w_dim,
             "bias": self.proj[0].bias is not None,
+            "key": self.key,
         }
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: Union[torch.Tensor, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        if isinstance(w, Mapping):
+            w = w[self.key]
         if w.ndim != 3 or w.shape[1] < self.rows or w.shape[2] != self.w_dim:
             raise ValueError(f"WProj expects (B, >={self.rows}, {self.w_dim}) W+ codes, got {tuple(w.shape)}")
         w = w.to(self.norm.weight.dtype)
