@@ -164,6 +164,18 @@ class Prepared:
     record: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MethodFlag:
+    """A `persona generate` flag of a method: `<flag> VALUE` means `--input <target>=VALUE` (kind
+    "input": a file) or `--option <target>=VALUE` (kind "option"); `Method.prepare` reads it."""
+
+    flag: str  # e.g. "--style-ref"
+    kind: Literal["input", "option"]
+    target: str  # the input / option name
+    metavar: str = "VALUE"
+    help: str = ""
+
+
 # ============================================================================================
 # the method
 
@@ -180,6 +192,11 @@ class Method:
       needs         shard members the conditioner inputs are made from
       input_keys    names of the conditioner inputs (batch keys)
       stage_aliases `persona train --stage N` -> phase name (e.g. {"1": "stage1"})
+      flags         `MethodFlag`s `persona generate` accepts for this method (read by `prepare`)
+
+    Optional hooks (defaults do nothing): `calibrate` (data-dependent init of a fresh conditioner),
+    `prompt` (the prompt the model sees for a prompt written for any method), `evaluation_metrics`
+    (method-specific metrics of `persona evaluate`).
     """
 
     name: str = ""
@@ -190,6 +207,7 @@ class Method:
     needs: tuple[str, ...] = ()
     input_keys: tuple[str, ...] = ()
     stage_aliases: Mapping[str, str] = {}
+    flags: tuple[MethodFlag, ...] = ()
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
@@ -203,6 +221,15 @@ class Method:
 
     def injection_config(self, cfg: Any, comps: "DiffusionComponents") -> dict:
         """Constructor kwargs of a fresh injection."""
+        return {}
+
+    def calibrate(self, conditioner: torch.nn.Module, source: Any, cfg: Any) -> dict:
+        """Data-dependent initialisation of a FRESH conditioner from the training samples, before
+        training (e.g. input standardisation statistics held in buffers, which the adapter file keeps).
+        `source`: the training data's random-access reader (`len(source)`, `source.get(i, members)`
+        -> a decoded sample); `cfg`: the method's params section. Called once per phase that starts
+        from a fresh adapter (an init adapter brings its own). Returns what to record in adapter.json
+        (`calibration`). Default: nothing."""
         return {}
 
     # ---------------------------------------------------------------- conditioner inputs
@@ -222,6 +249,20 @@ class Method:
             raise ValueError(f"method '{self.name}': give reference photo(s)")
         samples = kit.samples(identity.references, self.needs)
         return Prepared(self.inputs(samples, identity.weights), {"references": kit.records(identity.references)})
+
+    def prompt(self, prompt: str, adapter: Any) -> str:
+        """The prompt the model sees for `prompt`, a prompt written for any method (the evaluation
+        prompts, `persona generate --prompt`), with this method's `adapter` (a `PersonaAdapter`):
+        e.g. a method whose identity enters through an identifier word puts the word in. Default:
+        unchanged."""
+        return prompt
+
+    def evaluation_metrics(self, run: Any) -> dict[str, dict]:
+        """Method-specific metrics of an evaluation run (`training.evaluate.EvalRun`: the faces, their
+        conditioner inputs, the generated images, `generate(...)` with the evaluation's sampler
+        settings, the scorer): {name: `training.evaluate.value(...)` or `missing(reason)`}, reported
+        beside the generic metrics (whose names they may not take). Default: none."""
+        return {}
 
 
 def mix(arrays: Sequence[np.ndarray], weights: Optional[Sequence[float]] = None) -> np.ndarray:
