@@ -169,3 +169,14 @@ def stage2_loss(
     dis = masked_disentangle(eps_w, eps_aug, mask)
     reg = identity_regulariser(eps_w, eps_base)
     return {"rec": rec, "dis": dis, "reg": reg, "loss": rec + l_dis * dis + l_reg * reg}
+
+
+def cgdr_target(eps: torch.Tensor, eps_class: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Face2Diffusion's class-guided denoising target eps * M + eps_c * (1 - M) (eq. 7): the added
+    noise on the face, the frozen model's class-prompt prediction elsewhere. eps / eps_class
+    (B, C, h, w); face M (B, 1, h, w) in [0, 1], 1 = FACE (the opposite polarity of the W+ masks
+    above); resized when given at image size."""
+    if eps.shape != eps_class.shape:
+        raise ValueError(f"cgdr_target: shapes differ {tuple(eps.shape)} vs {tuple(eps_class.shape)}")
+    m = mask_to_latent(face, tuple(eps.shape[-2:])).to(eps.device, eps.dtype)
+    return eps * m + eps_class.to(eps.dtype) * (1 - m)
