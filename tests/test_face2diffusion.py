@@ -356,3 +356,52 @@ def test_train_then_generate_with_an_expression_reference_from_the_cli(tmp_path,
     assert main(["generate", "--from-json", str(tmp_path / "out" / "img-p00-seed0.json"), "--check"]) == 0
     with pytest.raises(SystemExit, match="flags of method 'face2diffusion'"):
         main(["generate", "--method", M, "--ref", str(face), "--expresion-ref", str(smile), "--prompt", "x"])
+
+
+# ============================================================================================
+# expression controllability (evaluation)
+
+
+def test_expression_controllability_measures_the_generated_face_against_the_reference(sample_raw):
+    """The metric's wiring with REAL MediaPipe meshes: a stand-in generator (the tiny model draws no
+    faces) returns, for an expression reference, the reference photo itself (distance 0), and the
+    null-expression images are the other photo; blank images are reported missing with the reason."""
+    from types import SimpleNamespace
+
+    from pipeline.images import load_rgb
+    from pipeline.models.faces import MediaPipeFaces
+    from training.evaluate import EvalRun, evaluate_config, missing, value
+    from training.references import largest_face
+
+    photos = [load_rgb(sample_raw / PHOTOS / p)[0] for p in ("obama/obama.jpg", "eileen_collins/astronaut.png")]
+    with MediaPipeFaces() as det:
+        descs = [E.descriptor(largest_face(det.detect(p)).mesh) for p in photos]
+        cond = F.F2DMapper(width=16, expression_source=f"mediapipe-{E.VERSION}")
+        cond.set_statistics(np.zeros(E.DIM), np.full(E.DIM, 0.1))
+
+        class Gen:
+            adapter = SimpleNamespace(conditioner=cond)
+            blank = False
+
+            def sample(self, conditioning, prompts, seeds, **kw):
+                out = []
+                for (c,) in conditioning:
+                    hit = [i for i, d in enumerate(descs) if np.array_equal(c["expr"], d)]
+                    out.append(np.zeros((64, 64, 3), np.uint8) if self.blank else photos[hit[0]])
+                return out
+
+        faces = [SimpleNamespace(key=f"k{i}", sample={"expr.npy": descs[i]}) for i in range(2)]
+        inputs = [{"id": np.zeros(512, np.float32), "expr": np.zeros(E.DIM, np.float32), "expr_mask": np.float32(0)}] * 2
+        cfg = evaluate_config({"prompts": ["a photo of a face"], "batch_size": 2})
+        gen = Gen()
+        run = EvalRun(cfg, gen, faces, inputs, [(0, 0, 0), (1, 0, 0)], [photos[0], photos[1]], ["a photo of f l"],
+                      SimpleNamespace(detector=det), 64)
+        m = F.expression_controllability(run, value, missing)
+        # face 0 took face 1's expression: its image is photo 1 -> distance 0; its null image (photo 0) is not
+        assert m["value"] == 0.0 and m["n"] == 2 and m["lower_is_better"] is True
+        assert m["null_expression"] > 0.5 and [r["reference"] for r in m["per_face"]] == ["k1", "k0"]
+        gen.blank = True
+        m = F.expression_controllability(run, value, missing)
+        assert m["value"] is None and "no face with a mesh" in m["missing"]
+    cond.expression_source = "precomputed:deca"
+    assert "not the mesh descriptor" in F.expression_controllability(run, value, missing)["missing"]
