@@ -12,7 +12,10 @@ prompts -> images, through a diffusers `StableDiffusionPipeline`.
 Several identities (`Request.identities`, each with its reference photos, mixing weights and image
 region) reach injections that support them as (B, K, T, D) tokens + (B, K, H, W) regions.
 Method-specific inputs: `Request.inputs` (named files, `--input NAME=PATH`) and `Request.options`
-(`--option KEY=VALUE`), read by `Method.prepare`.
+(`--option KEY=VALUE`), read by `Method.prepare`. The model sees `Method.prompt(prompt, adapter)`
+(recorded as `model_prompt` beside the prompt as given). Sampling defaults: the `generate` section,
+then `generate.methods.<method>` (`with_method_defaults`; what `persona generate` applies before its
+flags).
 
 Adapters come from a folder holding `adapter.safetensors` + `adapter.json` (what training writes),
 or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (downloaded with

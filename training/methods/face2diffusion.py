@@ -22,7 +22,10 @@ Objective (phase `main`), CGDR: L = ||eps_hat(z_t, "a photo of S*") - (eps * M +
 eps_hat_c the frozen model's prediction for "a photo of a person" (an extra pass without gradient),
 M the face mask (1 on the face). Only the mappers (and the null vector) train: lr 1e-5, batch 32,
 horizontal flip only; 100k iterations on FFHQ in the paper.
-Inference (paper): Euler ancestral, 30 steps, CFG 7 (params `generate.methods.face2diffusion`).
+Inference (paper): Euler ancestral, 30 steps, CFG 7 (params `generate.methods.face2diffusion`;
+`persona evaluate` keeps its own protocol, the same for every method, so their results compare).
+A text-side injection conditions the prompt embedding, computed once per image: `delay_steps` (a
+delayed identity start) has no effect on it.
 
 Decisions where the paper is silent or the project differs (each a param):
 - identity backend `arcface` by default (no MSID weights offline); `msid` loads the checkpoint.
