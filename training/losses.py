@@ -10,6 +10,9 @@ Stage II: L = L_rec + l_dis * L_dis + l_reg * L_reg   (`stage2_loss`; paper l_di
           L_dis = mean(((eps(w) - eps(aug(w))) * M)^2),  L_reg = mean((eps(w) - eps(lambda=0))^2)
 The authors' code computes eps(aug(w)) and eps(lambda=0) without gradient; `stage2_loss` detaches
 them by default (`detach_targets=True`), so they may be computed under `torch.no_grad()`.
+
+Identity Encoder (Su et al. 2023): `soft_nearest_neighbour_loss` (Eq. 4), `dirichlet_weights` (the
+random convex combination of Eq. 3), `linear_schedule` (the identity-drop curriculum).
 """
 from __future__ import annotations
 
