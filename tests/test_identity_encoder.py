@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -315,7 +316,14 @@ def trained(shards, tmp_path_factory) -> Path:
                      "out": str(tmp / "metrics" / "register_{method}.json")}
     p["generate"] = {"steps": 2, "guidance": 3.0, "device": "cpu"}
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
-    assert main(["train", "--method", METHOD, "--phase", "main", "--params", str(tmp / "params.yaml")]) == 0
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    try:
+        assert main(["train", "--method", METHOD, "--phase", "main", "--params", str(tmp / "params.yaml")]) == 0
+    finally:  # MLflow exports the tracking URI: keep it out of later tests (a module fixture outlives conftest's guard)
+        for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            if k not in before:
+                del os.environ[k]
+        os.environ.update(before)
     return tmp
 
 
