@@ -300,7 +300,7 @@ class IdentityEncoder(Method):
     phases = {"main": Main()}
     needs = (MEMBER,)
     input_keys = (FACES, WEIGHTS)
-    stage_aliases = {"1": "main"}
+    # no `--stage N` alias: `persona train --stage 1` stays W+'s (an alias two methods declare is ambiguous)
 
     def conditioner_config(self, cfg: IdentityEncoderConfig, comps) -> dict:
         e = cfg.encoder
