@@ -30,6 +30,8 @@ Metrics (every entry is {"value": number | null, "n": count, ...}; one that cann
                                 faces and the generated images (needs `fid_inception`: torchvision
                                 inception_v3 ImageNet state_dict; not comparable with published FIDs,
                                 which use the TF Inception, and unreliable for small n)
+  <method's own>                what `Method.extra_metrics(images, samples, references)` adds (e.g.
+                                the Identity Encoder's generation_diversity)
   control_same_identity         the CONTROL: ArcFace cosine between two real photos of the same
   control_different_identity    person / of different people, over the shards' labeled faces of
                                 all splits: what "same person" looks like to this ArcFace
@@ -781,7 +783,7 @@ def evaluate(
                                                 [seed for _, _, seed in jobs])
         run.images = images
         gen_embs = scorer.detect_embed(images)
-        extra = dict(method.evaluation_metrics(run) or {})
+        run_metrics = dict(method.evaluation_metrics(run) or {})
         control = control_from_shards(cfg.shards, scorer, cfg.control) if cfg.control.enabled else None
         scorer_models = scorer.models
     finally:
@@ -818,16 +820,22 @@ def evaluate(
     metrics["clip_t"] = clip_t(images, [cfg.prompts[pi] for _, pi, _ in jobs], cfg.clip_model, cfg.device)
     metrics["lpips"] = lpips_metric(refs_per_image, images, cfg.lpips_backbone, cfg.lpips_net, cfg.device)
     metrics["fid"] = fid_metric([f.face for f in faces], images, cfg.fid_inception, cfg.device)
+    extra = method.extra_metrics(images, samples, refs_per_image)
+    clash = sorted(set(extra) & (set(metrics) | {"control_same_identity", "control_different_identity"}))
+    if clash:
+        raise ValueError(f"method '{method.name}': extra_metrics() redefines the evaluation's own metric(s) {clash}")
+    metrics.update(extra)
     if control is not None:
         metrics["control_same_identity"] = control["same_identity"]
         metrics["control_different_identity"] = control["different_identity"]
     else:
         metrics["control_same_identity"] = missing("control disabled (evaluate.control.enabled)")
         metrics["control_different_identity"] = missing("control disabled (evaluate.control.enabled)")
-    clash = sorted(set(extra) & set(metrics))
+    clash = sorted(set(run_metrics) & set(metrics))
     if clash:
-        raise ValueError(f"method '{method.name}': evaluation_metrics() returned generic metric name(s) {clash}")
-    metrics.update(extra)
+        raise ValueError(f"method '{method.name}': evaluation_metrics() returned metric name(s) the evaluation "
+                         f"or extra_metrics() already has: {clash}")
+    metrics.update(run_metrics)
 
     weights = dict(gen.weights_real)
     for name, info in scorer_models.items():

@@ -1,8 +1,7 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
-                     [--option KEY=VALUE ...] [the method's own flags] --prompt TEXT [--prompt ...]
-                     [--adapter DIR | models:/NAME@ALIAS | --method M]
+    persona generate [--method M] [--ref PHOTO ... [--weights | --ref-weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
+                     [--option KEY=VALUE ...] [the method's own flags] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
@@ -97,6 +96,27 @@ def _apply_flags(cfg, args, pairs) -> None:
             setattr(cfg, key, v)
 
 
+def _method_adapter(args, cfg, params) -> None:
+    """--method M: the adapter params evaluate.adapters[M] names (unless --adapter is given); a local
+    adapter folder must hold an adapter of method M."""
+    from pathlib import Path
+
+    from training import evaluate as ev
+    from training import methods
+    from training import generate as g
+
+    try:
+        methods.get(args.method)
+        if args.adapter is None:
+            cfg.adapter = ev.adapter_for(ev.evaluate_config(params), args.method)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"persona generate: {e.args[0]}") from None
+    if cfg.adapter and not str(cfg.adapter).startswith("models:/") and Path(cfg.adapter).exists():
+        _, meta = g.read_adapter_folder(cfg.adapter)
+        if meta.get("method") != args.method:
+            raise SystemExit(f"persona generate: {cfg.adapter} holds a '{meta.get('method')}' adapter, not --method {args.method}")
+
+
 def _cmd_generate(args) -> int:
     from training import generate as g
     from training import methods
@@ -113,11 +133,9 @@ def _cmd_generate(args) -> int:
     cfg = g.generate_config(params)
     if args.adapter:
         cfg.adapter = args.adapter
-    elif args.method:  # the adapter DVC trains and evaluates for the method
-        from training.evaluate import adapter_for, evaluate_config
-
-        cfg.adapter = adapter_for(evaluate_config(params), args.method)
     _apply_flags(cfg, args, _OTHER_FLAGS)
+    if args.method:  # the adapter DVC trains and evaluates for the method (checked against --adapter)
+        _method_adapter(args, cfg, params)
     if args.base_model:
         cfg.base_model = g.BaseModelOverride(path=args.base_model)
     if args.preset:
@@ -273,10 +291,11 @@ def register(sub) -> None:
                        "defaults: params generate, then generate.methods.<method>, then these flags.")
     s.__class__ = _GenerateParser  # keeps the options it does not know for the adapter's method
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
-    s.add_argument("--method", help="the adapter of this method in params evaluate.adapters (unless --adapter); "
-                   "also checks the adapter's method")
+    s.add_argument("--method", help="the adapter of this method that params evaluate.adapters names (without --adapter); "
+                   "with --adapter: checked against it")
     s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
-    s.add_argument("--weights", type=float, nargs="+", help="mixing weight per --ref (default: equal)")
+    s.add_argument("--weights", "--ref-weights", dest="weights", type=float, nargs="+",
+                   help="mixing weight per --ref, a convex combination (default: equal)")
     s.add_argument("--region", action="append",
                    help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
     s.add_argument("--input", action="append", metavar="NAME=PATH",

@@ -195,8 +195,8 @@ class Method:
       flags         `MethodFlag`s `persona generate` accepts for this method (read by `prepare`)
 
     Optional hooks (defaults do nothing): `calibrate` (data-dependent init of a fresh conditioner),
-    `prompt` (the prompt the model sees for a prompt written for any method), `evaluation_metrics`
-    (method-specific metrics of `persona evaluate`).
+    `prompt` (the prompt the model sees for a prompt written for any method), `extra_metrics` /
+    `evaluation_metrics` (method-specific metrics of `persona evaluate`).
     """
 
     name: str = ""
@@ -250,6 +250,16 @@ class Method:
         samples = kit.samples(identity.references, self.needs)
         return Prepared(self.inputs(samples, identity.weights), {"references": kit.records(identity.references)})
 
+    # ---------------------------------------------------------------- evaluation
+    def extra_metrics(self, images: Sequence[np.ndarray], samples: Sequence[Mapping[str, Any]],
+                      references: Sequence[np.ndarray]) -> dict[str, dict]:
+        """Method-specific evaluation metrics (`persona evaluate` adds them to its own): `images` the
+        generated (H, W, 3) uint8 images, `samples` one record per image ("identity", "key" (the
+        evaluated face), "prompt", "prompt_index", "seed", "face_detected", "identity_similarity"),
+        `references` the reference face (uint8) of each image. Returns {name: entry} in the
+        evaluation's format (`training.evaluate.value(v, n, ...)` / `missing(reason, ...)`). Default: none."""
+        return {}
+
     def prompt(self, prompt: str, adapter: Any) -> str:
         """The prompt the model sees for `prompt`, a prompt written for any method (the evaluation
         prompts, `persona generate --prompt`), with this method's `adapter` (a `PersonaAdapter`):
@@ -258,10 +268,12 @@ class Method:
         return prompt
 
     def evaluation_metrics(self, run: Any) -> dict[str, dict]:
-        """Method-specific metrics of an evaluation run (`training.evaluate.EvalRun`: the faces, their
-        conditioner inputs, the generated images, `generate(...)` with the evaluation's sampler
-        settings, the scorer): {name: `training.evaluate.value(...)` or `missing(reason)`}, reported
-        beside the generic metrics (whose names they may not take). Default: none."""
+        """Method-specific metrics that need more than the evaluation's images (`extra_metrics` is
+        enough otherwise): `run` (`training.evaluate.EvalRun`) holds the faces, their conditioner
+        inputs, the generated images, `generate(...)` with the evaluation's sampler settings (extra
+        images, e.g. with other inputs) and the scorer, still open (its detector). Returns {name:
+        `training.evaluate.value(...)` or `missing(reason)`}, reported beside the evaluation's own
+        metrics (whose names they may not take). Default: none."""
         return {}
 
 
