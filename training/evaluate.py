@@ -36,6 +36,11 @@ Metrics (every entry is {"value": number | null, "n": count, ...}; one that cann
   control_different_identity    person / of different people, over the shards' labeled faces of
                                 all splits: what "same person" looks like to this ArcFace
 
+Methods: the model sees `Method.prompt(prompt, adapter)` of each evaluation prompt (e.g. with the
+method's identifier word; recorded per sample as `model_prompt` when it differs, and part of the
+evaluation-set id then); CLIP-T scores the prompt as written. `Method.evaluation_metrics(EvalRun)`
+adds method-specific metrics (same {"value", "n", "missing"} form) beside the generic ones.
+
 Reference embeddings: ArcFace of `face.jpg` aligned with the shard's `landmarks_aligned`; the
 shard's `id.npy` when those landmarks are unusable. Generated images: the largest detected face
 with real landmarks (`training.references.largest_face`, params `align.detector`), ArcFace-aligned
@@ -685,9 +690,38 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
 # the evaluation
 
 
+@dataclass
+class EvalRun:
+    """What a method's `evaluation_metrics` hook sees of an evaluation (scorer still open)."""
+
+    cfg: EvaluateConfig
+    generator: Any  # training.generate.Generator (its .adapter, .method)
+    faces: list  # [EvalFace]
+    inputs: list  # conditioner inputs per face (Method.inputs of its references)
+    jobs: list  # (face index, prompt index, seed) per generated image
+    images: list  # generated (H, W, 3) uint8 images, one per job
+    prompts: list  # the prompts the model saw (Method.prompt of cfg.prompts)
+    scorer: Any  # FaceScorer (.detector, .arcface) or a stand-in
+    size: int
+
+    def generate(self, conditionings: Sequence[Mapping[str, np.ndarray]], prompts: Sequence[str],
+                 seeds: Sequence[int]) -> list[np.ndarray]:
+        """One image per (conditioner inputs, model prompt, seed) with the evaluation's sampler
+        settings, in batches of cfg.batch_size."""
+        c, out = self.cfg, []
+        for s in range(0, len(prompts), c.batch_size):
+            sl = slice(s, s + c.batch_size)
+            out.extend(self.generator.sample([[inp] for inp in conditionings[sl]], list(prompts[sl]), list(seeds[sl]),
+                                             scheduler=c.scheduler, negative_prompt=c.negative_prompt, steps=c.steps,
+                                             guidance=c.guidance, scale=c.scale, delay_steps=c.delay_steps,
+                                             height=self.size, width=self.size))
+        return out
+
+
 def eval_set_id(faces: Sequence[EvalFace], inputs: Sequence[Mapping[str, np.ndarray]], cfg: EvaluateConfig, size: int,
-                scorer_models: Mapping[str, Any]) -> str:
-    """Hash of the faces, their conditioner inputs, the protocol and the scoring models."""
+                scorer_models: Mapping[str, Any], model_prompts: Optional[Sequence[str]] = None) -> str:
+    """Hash of the faces, their conditioner inputs, the protocol (with the prompts the model saw,
+    when the method rewrote them) and the scoring models."""
     h = hashlib.sha256()
     for f, inp in zip(faces, inputs):
         h.update(f"{f.key}\x00{f.identity}\x00".encode())
@@ -697,6 +731,8 @@ def eval_set_id(faces: Sequence[EvalFace], inputs: Sequence[Mapping[str, np.ndar
              "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": cfg.guidance, "scale": cfg.scale,
              "delay_steps": cfg.delay_steps, "negative_prompt": cfg.negative_prompt, "size": size,
              "references": cfg.references, "scorers": {k: v.get("fingerprint") for k, v in scorer_models.items()}}
+    if model_prompts is not None and list(model_prompts) != list(cfg.prompts):
+        proto["model_prompts"] = list(model_prompts)
     h.update(json.dumps(proto, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -738,17 +774,16 @@ def evaluate(
             inputs.append(method.inputs([r.sample for r in refs]))
     own_scorer = scorer is None
     scorer = scorer or FaceScorer.load(params)
+    model_prompts = [method.prompt(p, gen.adapter) for p in cfg.prompts]
     try:
         ref_embs, ref_src = reference_embeddings(faces, scorer)
         jobs = [(fi, pi, cfg.seed + k) for fi in range(len(faces)) for pi in range(len(cfg.prompts)) for k in range(cfg.num_images)]
-        images: list[np.ndarray] = []
-        for s in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[s:s + cfg.batch_size]
-            images.extend(gen.sample([[inputs[fi]] for fi, _, _ in chunk], [cfg.prompts[pi] for _, pi, _ in chunk],
-                                     [seed for _, _, seed in chunk], scheduler=cfg.scheduler,
-                                     negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                                     scale=cfg.scale, delay_steps=cfg.delay_steps, height=size, width=size))
+        run = EvalRun(cfg, gen, faces, inputs, jobs, [], model_prompts, scorer, size)
+        images: list[np.ndarray] = run.generate([inputs[fi] for fi, _, _ in jobs], [model_prompts[pi] for _, pi, _ in jobs],
+                                                [seed for _, _, seed in jobs])
+        run.images = images
         gen_embs = scorer.detect_embed(images)
+        run_metrics = dict(method.evaluation_metrics(run) or {})
         control = control_from_shards(cfg.shards, scorer, cfg.control) if cfg.control.enabled else None
         scorer_models = scorer.models
     finally:
@@ -769,7 +804,8 @@ def evaluate(
         path.write_bytes(encode_png(img))
         samples.append({"identity": f.identity, "key": f.key, "prompt": cfg.prompts[pi], "prompt_index": pi, "seed": seed,
                         "file": str(path), "face_detected": ge is not None,
-                        "identity_similarity": None if sim is None else round(sim, 6)})
+                        "identity_similarity": None if sim is None else round(sim, 6),
+                        **({"model_prompt": model_prompts[pi]} if model_prompts[pi] != cfg.prompts[pi] else {})})
     n = len(images)
     detected = sum(1 for e in gen_embs if e is not None)
     no_ref = sum(1 for e in ref_embs if e is None)
@@ -795,6 +831,11 @@ def evaluate(
     else:
         metrics["control_same_identity"] = missing("control disabled (evaluate.control.enabled)")
         metrics["control_different_identity"] = missing("control disabled (evaluate.control.enabled)")
+    clash = sorted(set(run_metrics) & set(metrics))
+    if clash:
+        raise ValueError(f"method '{method.name}': evaluation_metrics() returned metric name(s) the evaluation "
+                         f"or extra_metrics() already has: {clash}")
+    metrics.update(run_metrics)
 
     weights = dict(gen.weights_real)
     for name, info in scorer_models.items():
@@ -806,7 +847,7 @@ def evaluate(
     random_names = sorted(k for k, v in weights.items() if not v)
     real = not random_names
 
-    eid = eval_set_id(faces, inputs, cfg, size, scorer_models)
+    eid = eval_set_id(faces, inputs, cfg, size, scorer_models, model_prompts)
     results = {
         "format": FORMAT,
         "weights_real": real,

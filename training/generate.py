@@ -12,7 +12,10 @@ prompts -> images, through a diffusers `StableDiffusionPipeline`.
 Several identities (`Request.identities`, each with its reference photos, mixing weights and image
 region) reach injections that support them as (B, K, T, D) tokens + (B, K, H, W) regions.
 Method-specific inputs: `Request.inputs` (named files, `--input NAME=PATH`) and `Request.options`
-(`--option KEY=VALUE`), read by `Method.prepare`.
+(`--option KEY=VALUE`), read by `Method.prepare`. The model sees `Method.prompt(prompt, adapter)`
+(recorded as `model_prompt` beside the prompt as given). Sampling defaults: the `generate` section,
+then `generate.methods.<method>` (`with_method_defaults`; what `persona generate` applies before its
+flags).
 
 Adapters come from a folder holding `adapter.safetensors` + `adapter.json` (what training writes),
 or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (downloaded with
@@ -70,6 +73,15 @@ class BaseModelOverride:
 
 
 @dataclass
+class MethodSampling:
+    """`generate.methods.<method>:` a method's own sampling defaults (null: the section's value)."""
+
+    scheduler: Optional[Literal["ddim", "euler_a", "dpm++"]] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+
+
+@dataclass
 class GenerateConfig:
     adapter: Optional[str] = None  # folder with adapter.json, or models:/<name>@<alias>
     base_model: BaseModelOverride = field(default_factory=BaseModelOverride)
@@ -88,6 +100,19 @@ class GenerateConfig:
     out: str = "outputs/generate"
     tracking_uri: Optional[str] = None  # for models:/ adapters; null -> $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
     registry_uri: Optional[str] = None  # null -> $MLFLOW_REGISTRY_URI or the tracking URI
+    # per method: its sampling defaults over the ones above (e.g. a paper's scheduler / steps / CFG);
+    # command-line flags still win (`with_method_defaults`)
+    methods: dict[str, MethodSampling] = field(default_factory=dict)
+
+
+def with_method_defaults(cfg: GenerateConfig, method: str) -> GenerateConfig:
+    """`cfg` with `methods[method]`'s non-null sampling values applied (a copy)."""
+    import dataclasses
+
+    own = cfg.methods.get(method)
+    if own is None:
+        return cfg
+    return dataclasses.replace(cfg, **{k: v for k, v in dataclasses.asdict(own).items() if v is not None})
 
 
 def generate_config(params: Params | Mapping[str, Any] | None = None) -> GenerateConfig:
@@ -435,10 +460,11 @@ def generate(
     vers = versions()
     records = []
     for pi, prompt in enumerate(req.prompts):
+        model_prompt = gen.method.prompt(prompt, gen.adapter)
         for k in range(cfg.num_images):
             seed = cfg.seed + k
             stem = f"{req.name}-p{pi:02d}-seed{seed}"
-            img = gen.sample([[p.inputs for p in prepared]], [prompt], [seed], scheduler=cfg.scheduler,
+            img = gen.sample([[p.inputs for p in prepared]], [model_prompt], [seed], scheduler=cfg.scheduler,
                              negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
                              scale=cfg.scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions)[0]
             rec = {
@@ -448,6 +474,7 @@ def generate(
                 "conditioning": conditioning,
                 "request": {"inputs": dict(req.inputs), "options": dict(req.options)},
                 "prompt": prompt,
+                "model_prompt": model_prompt,
                 "negative_prompt": cfg.negative_prompt,
                 "seed": int(seed),
                 "scheduler": {"name": cfg.scheduler, "class": type(gen.pipe.scheduler).__name__,
@@ -512,7 +539,7 @@ def regenerate(
     for c in rec["conditioning"]:
         if c.get("region") and sha256_file(c["region"]) != c.get("region_sha256"):
             raise RuntimeError(f"{c['region']}: region mask sha256 differs from the record")
-    img = generator.sample([inputs], [rec["prompt"]], [rec["seed"]], scheduler=rec["scheduler"]["name"],
+    img = generator.sample([inputs], [rec.get("model_prompt", rec["prompt"])], [rec["seed"]], scheduler=rec["scheduler"]["name"],
                            negative_prompt=rec["negative_prompt"], steps=rec["steps"], guidance=rec["guidance"],
                            scale=rec["lambda"], delay_steps=rec["delay_steps"], height=h, width=w,
                            regions=load_regions(idents, h, w))[0]

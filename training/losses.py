@@ -222,3 +222,18 @@ def linear_schedule(start: float, end: float, step: int, steps: int) -> float:
     """start at step 0, end at step `steps - 1` (and after), linear in between."""
     f = min(1.0, max(0.0, step / max(1, steps - 1)))
     return float(start + f * (end - start))
+
+
+# ============================================================================================
+# Face2Diffusion (Shiohara & Yamasaki 2024): the class-guided denoising target
+
+
+def cgdr_target(eps: torch.Tensor, eps_class: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Face2Diffusion's class-guided denoising target eps * M + eps_c * (1 - M) (eq. 7): the added
+    noise on the face, the frozen model's class-prompt prediction elsewhere. eps / eps_class
+    (B, C, h, w); face M (B, 1, h, w) in [0, 1], 1 = FACE (the opposite polarity of the W+ masks
+    above); resized when given at image size."""
+    if eps.shape != eps_class.shape:
+        raise ValueError(f"cgdr_target: shapes differ {tuple(eps.shape)} vs {tuple(eps_class.shape)}")
+    m = mask_to_latent(face, tuple(eps.shape[-2:])).to(eps.device, eps.dtype)
+    return eps * m + eps_class.to(eps.dtype) * (1 - m)

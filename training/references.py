@@ -58,6 +58,7 @@ class ReferenceFace:
     lm5_aligned: np.ndarray  # (5, 2) landmarks in the aligned crop
     info: dict  # bbox, score, lm5, quad side, mask source
     members: dict = field(default_factory=dict)
+    mesh: Optional[np.ndarray] = None  # (478, 2) dense MediaPipe mesh in the photo's pixels (None: detector without one)
 
 
 def align_reference(rgb: np.ndarray, face: Any, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -125,7 +126,8 @@ class ReferenceKit:
             if face is None:
                 raise ValueError(f"reference {path}: no face with landmarks found")
             aligned, mask, lm5a, info = align_reference(rgb, face, self.params)
-            self._faces[key] = ReferenceFace(key, sha256_file(path), aligned, mask, lm5a, info)
+            mesh = None if face.mesh is None else np.asarray(face.mesh, dtype=np.float64)
+            self._faces[key] = ReferenceFace(key, sha256_file(path), aligned, mask, lm5a, info, mesh=mesh)
         return self._faces[key]
 
     def samples(self, paths: Sequence[str | os.PathLike], needs: Sequence[str] = ()) -> list[dict]:

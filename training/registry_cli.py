@@ -1,7 +1,7 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
     persona generate [--method M] [--ref PHOTO ... [--weights | --ref-weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
-                     [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
+                     [--option KEY=VALUE ...] [the method's own flags] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
@@ -55,6 +55,47 @@ def _identities(args) -> list:
     return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
 
 
+class _GenerateParser(argparse.ArgumentParser):
+    """`persona generate`'s parser: options it does not know are kept in `method_args`, for the
+    adapter's method to parse once it is known (`Method.flags`); what that leaves is an error."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        ns.method_args = list(getattr(ns, "method_args", None) or []) + list(rest)
+        return ns, []
+
+
+def _method_flags(method, extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A method's own `persona generate` flags (`Method.flags`) -> (--input pairs, --option pairs)."""
+    known = ", ".join(f.flag for f in method.flags) or "none"
+    p = argparse.ArgumentParser(prog=f"persona generate ({method.name})", add_help=False, allow_abbrev=False)
+    for f in method.flags:
+        p.add_argument(f.flag, dest=f"{f.kind}:{f.target}", metavar=f.metavar, help=f.help)
+    ns, rest = p.parse_known_args(extra)
+    if rest:
+        raise SystemExit(f"persona generate: unrecognized arguments: {' '.join(rest)} (the flags of method "
+                         f"'{method.name}': {known})")
+    files, options = {}, {}
+    for dest, v in vars(ns).items():
+        if v is not None:
+            kind, target = dest.split(":", 1)
+            (files if kind == "input" else options)[target] = v
+    return files, options
+
+
+_SAMPLING_FLAGS = (("scheduler", "scheduler"), ("steps", "steps"), ("guidance", "guidance"))
+_OTHER_FLAGS = (("scale", "lam"), ("delay_steps", "delay"), ("seed", "seed"), ("num_images", "num_images"),
+                ("height", "height"), ("width", "width"), ("device", "device"), ("dtype", "dtype"),
+                ("negative_prompt", "negative_prompt"), ("tracking_uri", "tracking_uri"), ("registry_uri", "registry_uri"))
+
+
+def _apply_flags(cfg, args, pairs) -> None:
+    for key, attr in pairs:
+        v = getattr(args, attr)
+        if v is not None:
+            setattr(cfg, key, v)
+
+
 def _method_adapter(args, cfg, params) -> None:
     """--method M: the adapter params evaluate.adapters[M] names (unless --adapter is given); a local
     adapter folder must hold an adapter of method M."""
@@ -78,8 +119,11 @@ def _method_adapter(args, cfg, params) -> None:
 
 def _cmd_generate(args) -> int:
     from training import generate as g
+    from training import methods
 
     if args.from_json:
+        if getattr(args, "method_args", None):
+            raise SystemExit(f"persona generate: unrecognized arguments: {' '.join(args.method_args)}")
         rec, _, identical = g.regenerate(args.from_json, out=args.out, device=args.device,
                                          tracking_uri=args.tracking_uri, registry_uri=args.registry_uri)
         print(f"[generate] re-ran {args.from_json}: {rec['image']['file']} "
@@ -87,25 +131,36 @@ def _cmd_generate(args) -> int:
         return 0 if identical or not args.check else 1
     params = _params(args.params)
     cfg = g.generate_config(params)
-    for key, attr in (("adapter", "adapter"), ("scheduler", "scheduler"), ("steps", "steps"), ("guidance", "guidance"), ("scale", "lam"),
-                      ("delay_steps", "delay"), ("seed", "seed"), ("num_images", "num_images"), ("height", "height"),
-                      ("width", "width"), ("device", "device"), ("dtype", "dtype"), ("negative_prompt", "negative_prompt"),
-                      ("tracking_uri", "tracking_uri"), ("registry_uri", "registry_uri")):
-        v = getattr(args, attr)
-        if v is not None:
-            setattr(cfg, key, v)
-    if args.method:
+    if args.adapter:
+        cfg.adapter = args.adapter
+    _apply_flags(cfg, args, _OTHER_FLAGS)
+    if args.method:  # the adapter DVC trains and evaluates for the method (checked against --adapter)
         _method_adapter(args, cfg, params)
     if args.base_model:
         cfg.base_model = g.BaseModelOverride(path=args.base_model)
     if args.preset:
         cfg.base_model = g.BaseModelOverride(preset=args.preset)
-    g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
     if not args.prompt:
         raise SystemExit("persona generate: give --prompt (or --from-json)")
-    req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=_pairs(args.input, "--input"),
-                    options=_pairs(args.option, "--option"), name=args.name)
-    recs = g.generate(req, cfg, params=params, out=args.out)
+    if not cfg.adapter:
+        raise SystemExit("persona generate: no adapter (give --adapter DIR | models:/NAME@ALIAS, --method M, "
+                         "or params generate.adapter)")
+    res = g.resolve_adapter(cfg.adapter, tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+    method = methods.get(str(res.meta.get("method")))
+    if args.method and args.method != method.name:
+        raise SystemExit(f"persona generate: --method {args.method}, but {cfg.adapter} is a '{method.name}' adapter")
+    cfg = g.with_method_defaults(cfg, method.name)  # the method's sampling defaults, then the flags
+    _apply_flags(cfg, args, _SAMPLING_FLAGS)
+    g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
+    files, options = _pairs(args.input, "--input"), _pairs(args.option, "--option")
+    own_files, own_options = _method_flags(method, getattr(args, "method_args", None) or [])
+    both = sorted((set(own_files) & set(files)) | (set(own_options) & set(options)))
+    if both:
+        raise SystemExit(f"persona generate: {both} given both by a method flag and by --input/--option")
+    req = g.Request(prompts=args.prompt, identities=_identities(args), inputs={**files, **own_files},
+                    options={**options, **own_options}, name=args.name)
+    gen = g.Generator.load(res, base=g.to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype)
+    recs = g.generate(req, cfg, params=params, generator=gen, out=args.out)
     out = args.out or cfg.out
     for r in recs:
         print(f"[generate] {out}/{r['image']['file']}  seed={r['seed']} lambda={r['lambda']} prompt={r['prompt']!r}")
@@ -230,7 +285,11 @@ def register(sub) -> None:
     s = sub.add_parser("generate", help="images from reference photo(s) and / or method inputs with an adapter",
                        description="Reference photo(s) (or a method's own inputs) + prompt(s) -> PNG + JSON record "
                        "+ the conditioner inputs per image, with any method's adapter through a diffusers pipeline. "
-                       "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
+                       "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt,
+                       epilog="A method may add flags of its own (its `flags`, shorthands for --input / --option; see "
+                       "the method's section in the README); a flag neither knows is an error listing them. Sampling "
+                       "defaults: params generate, then generate.methods.<method>, then these flags.")
+    s.__class__ = _GenerateParser  # keeps the options it does not know for the adapter's method
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
     s.add_argument("--method", help="the adapter of this method that params evaluate.adapters names (without --adapter); "
                    "with --adapter: checked against it")

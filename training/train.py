@@ -132,17 +132,22 @@ def init_adapter_path(tp: TrainParams, method: Method, phase: Phase) -> Optional
     return output_dir(tp.train.out_dir, method, prev, tp.phase(method.name, prev.name)) / ADAPTER_FILE
 
 
-def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: DiffusionComponents) -> tuple[PersonaAdapter, Optional[Path]]:
+def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: DiffusionComponents,
+                  source: Any = None) -> tuple[PersonaAdapter, Optional[Path]]:
     """A fresh adapter installed on `comps` (conditioner init seeded by (its class, train.seed)), with
-    the init adapter's tensors loaded when the phase starts from one. Adapter weights are fp32
-    whatever the frozen parts' dtype."""
+    the init adapter's tensors loaded when the phase starts from one, else calibrated on the training
+    samples `source` (`Method.calibrate`; its record in `adapter.calibration`). Adapter weights are
+    fp32 whatever the frozen parts' dtype."""
     mcfg = tp.method(method.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(f"{method.conditioner.__name__.lower()}-init", tp.train.seed) % (2**63))
         cond = method.conditioner(**method.conditioner_config(mcfg, comps))
     inj = method.injection(**method.injection_config(mcfg, comps))
     adapter = PersonaAdapter(method.name, cond, inj, phase=phase.name, base_model=base_model_record(tp.train))
+    adapter.calibration = {}
     init = init_adapter_path(tp, method, phase)
+    if init is None and source is not None:
+        adapter.calibration = dict(method.calibrate(cond, source, mcfg) or {})
     if init is not None:
         if not init.is_file():
             raise FileNotFoundError(f"{method.name}.{phase.name} starts from the adapter {init}, which does not exist "
@@ -161,6 +166,13 @@ def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: Diffusio
         adapter.pending = {k: v for k, v in tensors.items() if not k.startswith("conditioner.")}
     adapter.install(comps, dtype=torch.float32)
     return adapter, init
+
+
+def conditioner_weights_real(adapter: PersonaAdapter) -> dict[str, bool]:
+    """{"conditioner.<model>": weights_real} of models a conditioner runs itself (an optional
+    `weights_real()` method of the conditioner, e.g. a frozen feature extractor)."""
+    fn = getattr(adapter.conditioner, "weights_real", None)
+    return {f"conditioner.{k}": bool(v) for k, v in (fn() if callable(fn) else {}).items()}
 
 
 def code_fingerprint(method: Method) -> str:
@@ -424,12 +436,13 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     tag = f"{method.name}.{phase.output_name(pcfg)}"
 
     comps = load_components(cfg, resolve_frozen_dtype(cfg.frozen_dtype, precision))
-    adapter, init = build_adapter(method, phase, tp, comps)
     dm = PersonaDataModule(method, phase, cfg, pcfg)
     dm.setup()
+    adapter, init = build_adapter(method, phase, tp, comps, source=dm.train_source)
     data = dm.describe()
     weights_real = {f"diffusion.{k}": bool(v.weights_real) for k, v in comps.info.items()}
     weights_real.update(dm.weights_real())
+    weights_real.update(conditioner_weights_real(adapter))
     tracking.warn_random_weights(weights_real, f"training {tag}")
     base_fp = sorted((k, v.fingerprint) for k, v in comps.info.items())
     signature = run_signature(tp, method.name, phase.name, data["signature"], base_fp,
@@ -512,6 +525,7 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         "mlflow_extra": {k: mlflow_info[k] for k in ("registry_uri", "artifact_uri")},
         "resolution": cfg.resolution, "ema": pcfg.ema or None, "signature": signature,
         "init": {"path": str(init), "sha256": sha256_file(init)} if init else None,
+        "calibration": getattr(adapter, "calibration", None) or None,
         "fast_dev_run": bool(fast_dev_run),
     }
     if data.get("sampler"):

@@ -164,6 +164,18 @@ class Prepared:
     record: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MethodFlag:
+    """A `persona generate` flag of a method: `<flag> VALUE` means `--input <target>=VALUE` (kind
+    "input": a file) or `--option <target>=VALUE` (kind "option"); `Method.prepare` reads it."""
+
+    flag: str  # e.g. "--style-ref"
+    kind: Literal["input", "option"]
+    target: str  # the input / option name
+    metavar: str = "VALUE"
+    help: str = ""
+
+
 # ============================================================================================
 # the method
 
@@ -180,6 +192,11 @@ class Method:
       needs         shard members the conditioner inputs are made from
       input_keys    names of the conditioner inputs (batch keys)
       stage_aliases `persona train --stage N` -> phase name (e.g. {"1": "stage1"})
+      flags         `MethodFlag`s `persona generate` accepts for this method (read by `prepare`)
+
+    Optional hooks (defaults do nothing): `calibrate` (data-dependent init of a fresh conditioner),
+    `prompt` (the prompt the model sees for a prompt written for any method), `extra_metrics` /
+    `evaluation_metrics` (method-specific metrics of `persona evaluate`).
     """
 
     name: str = ""
@@ -190,6 +207,7 @@ class Method:
     needs: tuple[str, ...] = ()
     input_keys: tuple[str, ...] = ()
     stage_aliases: Mapping[str, str] = {}
+    flags: tuple[MethodFlag, ...] = ()
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
@@ -203,6 +221,15 @@ class Method:
 
     def injection_config(self, cfg: Any, comps: "DiffusionComponents") -> dict:
         """Constructor kwargs of a fresh injection."""
+        return {}
+
+    def calibrate(self, conditioner: torch.nn.Module, source: Any, cfg: Any) -> dict:
+        """Data-dependent initialisation of a FRESH conditioner from the training samples, before
+        training (e.g. input standardisation statistics held in buffers, which the adapter file keeps).
+        `source`: the training data's random-access reader (`len(source)`, `source.get(i, members)`
+        -> a decoded sample); `cfg`: the method's params section. Called once per phase that starts
+        from a fresh adapter (an init adapter brings its own). Returns what to record in adapter.json
+        (`calibration`). Default: nothing."""
         return {}
 
     # ---------------------------------------------------------------- conditioner inputs
@@ -231,6 +258,22 @@ class Method:
         evaluated face), "prompt", "prompt_index", "seed", "face_detected", "identity_similarity"),
         `references` the reference face (uint8) of each image. Returns {name: entry} in the
         evaluation's format (`training.evaluate.value(v, n, ...)` / `missing(reason, ...)`). Default: none."""
+        return {}
+
+    def prompt(self, prompt: str, adapter: Any) -> str:
+        """The prompt the model sees for `prompt`, a prompt written for any method (the evaluation
+        prompts, `persona generate --prompt`), with this method's `adapter` (a `PersonaAdapter`):
+        e.g. a method whose identity enters through an identifier word puts the word in. Default:
+        unchanged."""
+        return prompt
+
+    def evaluation_metrics(self, run: Any) -> dict[str, dict]:
+        """Method-specific metrics that need more than the evaluation's images (`extra_metrics` is
+        enough otherwise): `run` (`training.evaluate.EvalRun`) holds the faces, their conditioner
+        inputs, the generated images, `generate(...)` with the evaluation's sampler settings (extra
+        images, e.g. with other inputs) and the scorer, still open (its detector). Returns {name:
+        `training.evaluate.value(...)` or `missing(reason)`}, reported beside the evaluation's own
+        metrics (whose names they may not take). Default: none."""
         return {}
 
 
