@@ -2,6 +2,9 @@
 
     persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
                      [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
+                     [--method M]    (the adapter of params evaluate.adapters[M]; with --adapter: must be M's)
+                     [--<flag> PATH] (flags methods declare: entry points `persona.generate_inputs`,
+                                      FLAG = "module:NAME_CONSTANT", the same as --input <that name>=PATH)
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
@@ -18,6 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+# Methods declare generation input flags as entry points: `FLAG = "module:ATTR"`, ATTR a string naming
+# the method input (`Method.prepare` files) the flag fills, e.g. `style-ref` -> "style". Only the
+# flag names are read to build the parser; the module is imported when the flag is used.
+GENERATE_INPUTS = "persona.generate_inputs"
 
 
 def _params(path: str):
@@ -55,6 +63,28 @@ def _identities(args) -> list:
     return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
 
 
+def _flag_dest(flag: str) -> str:
+    return "input_flag_" + flag.replace("-", "_")
+
+
+def _input_flags(args) -> dict[str, str]:
+    """{flag: path} of the method-declared input flags given on the command line."""
+    return {k[len("input_flag_"):].replace("_", "-"): v for k, v in vars(args).items()
+            if k.startswith("input_flag_") and v is not None}
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    from pipeline import plugins
+
+    taken = {a for action in p._actions for a in action.option_strings}
+    for ep in plugins.entry_points(GENERATE_INPUTS):
+        if f"--{ep.name}" in taken:
+            raise plugins.PluginError(f"{GENERATE_INPUTS}: '--{ep.name}' is already an option of persona generate")
+        p.add_argument(f"--{ep.name}", dest=_flag_dest(ep.name), metavar="PATH",
+                       help=f"a method input file (declared by {ep.module}; the same as --input NAME=PATH for "
+                            "the input it names)")
+
+
 def _cmd_generate(args) -> int:
     from training import generate as g
 
@@ -80,9 +110,30 @@ def _cmd_generate(args) -> int:
     g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
     if not args.prompt:
         raise SystemExit("persona generate: give --prompt (or --from-json)")
-    req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=_pairs(args.input, "--input"),
+    inputs = _pairs(args.input, "--input")
+    for flag, value in _input_flags(args).items():
+        from pipeline import plugins
+
+        (ep,) = [e for e in plugins.entry_points(GENERATE_INPUTS) if e.name == flag]
+        name = ep.load()
+        if name in inputs:
+            raise SystemExit(f"persona generate: --{flag} and --input {name}=... give the same input")
+        inputs[str(name)] = value
+    gen = None
+    if args.method:
+        from pipeline.config import to_dict
+
+        if args.adapter is None:
+            from training.evaluate import adapter_for, evaluate_config
+
+            cfg.adapter = adapter_for(evaluate_config(params), args.method)
+        gen = g.Generator.load(cfg.adapter, base=to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype,
+                               tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+        if gen.method.name != args.method:
+            raise SystemExit(f"persona generate: --adapter {cfg.adapter} is a '{gen.method.name}' adapter, not '{args.method}'")
+    req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=inputs,
                     options=_pairs(args.option, "--option"), name=args.name)
-    recs = g.generate(req, cfg, params=params, out=args.out)
+    recs = g.generate(req, cfg, params=params, out=args.out, generator=gen)
     out = args.out or cfg.out
     for r in recs:
         print(f"[generate] {out}/{r['image']['file']}  seed={r['seed']} lambda={r['lambda']} prompt={r['prompt']!r}")
@@ -216,10 +267,13 @@ def register(sub) -> None:
     s.add_argument("--input", action="append", metavar="NAME=PATH",
                    help="a method-specific input file (e.g. a code .npy, an expression photo; see the method's doc)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method-specific option")
+    s.add_argument("--method", help="generate with params evaluate.adapters[METHOD] (with --adapter: check it is "
+                   "that method's adapter)")
     s.add_argument("--scheduler", choices=["ddim", "euler_a", "dpm++"], help="diffusers sampler (default params)")
     s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     s.add_argument("--negative-prompt", dest="negative_prompt")
-    s.add_argument("--lambda", dest="lam", type=float, help="identity scale lambda (default params generate.scale)")
+    s.add_argument("--lambda", dest="lam", type=float,
+                   help="identity scale lambda (default params generate.scale; null: the adapter's method default)")
     s.add_argument("--delay", type=int, help="sampler steps with lambda 0 at the start (delayed identity)")
     s.add_argument("--seed", type=int)
     s.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed, seed+1, ...)")
@@ -236,6 +290,7 @@ def register(sub) -> None:
     s.add_argument("--from-json", dest="from_json", help="re-run a generation record")
     s.add_argument("--check", action="store_true", help="with --from-json: exit 1 unless the pixels are identical")
     _mlflow_args(s)
+    _add_input_flags(s)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",
