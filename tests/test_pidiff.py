@@ -307,3 +307,40 @@ def test_personalize_register_skip_refuse_evaluate_generate(tmp_path, shards, mo
     assert rec2["lambda"] == 0.7 and rec2["adapter"]["path"].endswith("models/pidiff/synthetic_002")
     with pytest.raises(SystemExit, match="is a 'pidiff' adapter, not 'wplus'"):
         cli.main(gen + ["--method", "wplus", "--adapter", str(folder), "--out", "gen3"])
+
+
+@pytest.mark.slow
+def test_personalize_from_a_folder_runs_the_data_stages_first(sample_raw, tmp_path, monkeypatch, capsys):
+    """`--images DIR`: the photos go through every data stage (the registered ones, through the
+    pipeline's runner) into <work_dir>/<identity>, then the identity trains on those shards; a rerun
+    recomputes nothing and skips the training. A name that is no file name gets a safe folder."""
+    from pipeline import cli
+
+    monkeypatch.chdir(tmp_path)
+    who = "Barack Obama"
+    raw = pidiff_params(tmp_path, tmp_path / "unused", min_photos=2)
+    raw.update({"runtime": {"executor": "local", "progress": False}, "wplus": {"input_size": 128},
+                "personalize": {"method": "pidiff", "work_dir": str(tmp_path / "work"), "register": False}})
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(raw))
+    cmd = ["personalize", "--params", str(pfile), "--identity", who, "--images", str(sample_raw / "sample" / "obama")]
+    assert cli.main(cmd) == 0
+    out = capsys.readouterr().out
+    slug = identity_slug(who)
+    (report,) = (tmp_path / "metrics").glob("personalize_pidiff_*.json")
+    named = json.loads(report.read_text())["rows"][0]
+    shard_name = named["identity"]  # the ingest stage's safe form of the name
+    assert shard_name.startswith("Barack_Obama-") and f"'{who}' is '{shard_name}' in the shards" in out
+    assert f"[personalize pidiff] {shard_name}: trained to step 2" in out
+    work = tmp_path / "work" / slug
+    lines = [json.loads(x) for x in (work / "photos.jsonl").read_text().splitlines()]
+    assert [Path(x["path"]).name for x in lines] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
+    assert {x["identity"] for x in lines} == {who}
+    assert "[shards] inputs=3 computed=3" in out and (work / "data" / "shards" / "index.json").is_file()
+    meta = json.loads((tmp_path / "models" / "pidiff" / identity_slug(shard_name) / "adapter.json").read_text())
+    rec = meta["phase_record"]
+    assert rec["identity"] == shard_name and len(rec["photos"]["train"]) == 2 and len(rec["photos"]["held_out"]) == 1
+
+    assert cli.main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "[align] inputs=3 computed=0 cached=3" in out and f"{shard_name}: skipped" in out

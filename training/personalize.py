@@ -200,10 +200,12 @@ def photos_in(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def build_identity_data(params: Params, identity: str, images: str | os.PathLike, work: Path) -> Path:
+def build_identity_data(params: Params, identity: str, images: str | os.PathLike, work: Path) -> tuple[Path, str]:
     """Run the data stages (the registered ones, in order, through the pipeline's runner: the same
     machinery as `persona build`) on the photos of `images`, all labelled `identity`, into
-    `work/data`; returns the shards folder. Incremental: a rerun recomputes only new photos."""
+    `work/data`; returns (the shards folder, the identity as the shards name it: the ingest stage
+    makes names safe, e.g. 'Barack Obama' -> 'Barack_Obama-<hash>'). Incremental: a rerun
+    recomputes only new photos."""
     from pipeline import plugins
     from pipeline.cli import run_stage
     from pipeline.config import SourceConfig
@@ -229,7 +231,13 @@ def build_identity_data(params: Params, identity: str, images: str | os.PathLike
     print(f"[personalize] {identity}: data stages on {len(photos)} photo(s) of {images} -> {root}", flush=True)
     for st in plugins.data_stages():
         run_stage(st.name, ctx)
-    return root / "shards"
+    from pipeline.shard_reader import ShardIndex, shard_urls
+
+    urls = shard_urls(root / "shards")
+    names = sorted(ShardIndex(urls, ("json",)).by_identity()[0]) if urls else []
+    if len(names) == 1 and names[0] != identity:
+        print(f"[personalize] '{identity}' is '{names[0]}' in the shards", flush=True)
+    return root / "shards", names[0] if len(names) == 1 else identity
 
 
 # ============================================================================================
@@ -444,7 +452,8 @@ def personalize(
 
     if images is not None:
         folder = ph.output_name(tp_of({**ov, identity_key(m, ph): identity}).phase(m.name, ph.name))
-        ov["train.shards"] = str(build_identity_data(p, identity, images, Path(cfg.work_dir) / folder))
+        shards, identity = build_identity_data(p, identity, images, Path(cfg.work_dir) / folder)
+        ov["train.shards"] = str(shards)
     tp = tp_of(ov)
     pcfg = tp.phase(m.name, ph.name)
     dm = PersonaDataModule(m, ph, tp.train, pcfg)
