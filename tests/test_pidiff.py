@@ -207,6 +207,37 @@ def test_only_sca_projections_and_f_receive_gradients(tmp_path, shards):
     assert with_grad == f | sca
 
 
+def test_init_from_a_wplus_adapter_folder_or_its_registry_alias(tmp_path, shards):
+    """`init:` a trained W+ Adapter: PIDiff starts from its WProj and attention (same shapes), the
+    record says which; a models:/ alias is pinned to its version once for every identity of a run."""
+    from pipeline.digests import sha256_file
+    from training.adapter import read_adapter_file
+    from training.personalize import resolve_init
+    from training.registry import Registry
+    from training.train import build_adapter, load_components, train
+
+    res = train(make_params(tmp_path / "w"), "wplus", "stage1", fast_dev_run=True)
+    folder = Path(res["adapter"]).parent
+    tensors, _ = read_adapter_file(res["adapter"])
+    tp, dm = bound(tmp_path, shards, init=str(folder))
+    m = methods.get("pidiff")
+    adapter, init = build_adapter(m, dm.phase, tp, load_components(tp.train))
+    assert init == folder / "adapter.safetensors"
+    for k, v in adapter.conditioner.state_dict().items():
+        assert torch.equal(v, tensors[f"conditioner.{k}"])
+    for k, v in adapter.injection.state_dict().items():
+        assert torch.equal(v, tensors[f"injection.{k}"])
+    assert dm.phase.record(dm.pcfg)["init"] == str(folder)
+    assert dm.phase.record(dm.pcfg)["registry"]["tags"]["base_adapter"] == str(folder)
+
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    Registry(tracking_uri=uri).register(folder, alias="champion")
+    pinned = resolve_init("models:/persona-wplus@champion", tracking_uri=uri)
+    assert pinned["use"] == "models:/persona-wplus/1" and pinned["spec"] == "models:/persona-wplus@champion"
+    assert pinned["sha256"] == sha256_file(folder / "adapter.safetensors")
+    assert resolve_init(None) == {"spec": None, "use": None, "sha256": None}
+
+
 # ------------------------------------------------------------------------------------- style mixing
 def test_style_mix_takes_exactly_the_configured_rows(tmp_path):
     from training.generate import Identity

@@ -485,7 +485,10 @@ def personalize(
             atomic_write_json(job.out / STATE_FILE, st)
             job.state = st
         if row["status"] in ("trained", "skipped") and reg is not None:
-            row["registered"] = _register(reg, job, row.get("evaluation") or (job.state or {}).get("evaluation"))
+            try:
+                row["registered"] = _register(reg, job, row.get("evaluation") or (job.state or {}).get("evaluation"))
+            except Exception as e:  # noqa: BLE001 - the adapter is kept; the next run registers it
+                row.update(registered=None, retry=True, register_error=f"{type(e).__name__}: {e}")
         rows[job.identity] = row
         _print_row(m.name, row)
 
@@ -553,4 +556,6 @@ def _print_row(method: str, row: dict) -> None:
     reg = row.get("registered")
     if reg:
         msg += f"; registered {reg['name']} v{reg['version']} @{','.join(reg['aliases'])}"
+    elif row.get("register_error"):
+        msg += f"; NOT registered ({row['register_error']}; the next run registers it)"
     print(f"[personalize {method}] {ident}: {msg}", flush=True)
