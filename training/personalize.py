@@ -527,16 +527,30 @@ def personalize(
 
 
 def _register(reg: Any, job: Job, evaluation: Optional[str]) -> Optional[dict]:
-    """Register the identity's adapter (once per adapter file and registry); recorded in its state."""
+    """Register the identity's adapter (once per adapter file and registry; an adapter already
+    registered, e.g. with its evaluation by DVC's register stage, only gets the aliases when there is
+    no new evaluation); recorded in its state."""
     st = job.state or read_state(job.out) or {}
     done = st.get("registered")
     if done and done.get("tracking_uri") == reg.tracking_uri and done.get("adapter_sha256") == st.get("adapter_sha256"):
         return done
     meta = json.loads((job.out / "adapter.json").read_text())
     aliases = ((meta.get("phase_record") or {}).get("registry") or {}).get("aliases") or ["candidate"]
-    out = reg.register(job.out, evaluation=evaluation, alias=aliases[0])
+    sha = st.get("adapter_sha256") or sha256_file(job.out / "adapter.safetensors")
+    name = reg.model_name(str(meta.get("method")))
+    same = None
+    if evaluation is None and reg._registered(name) is not None:  # e.g. registered by `register@<method>` (DVC)
+        same = max((mv for mv in reg.client.search_model_versions(f"name='{name}'")
+                    if (mv.tags or {}).get("adapter_sha256") == sha), key=lambda mv: int(mv.version), default=None)
+    if same is not None:  # this adapter is a version already: point the aliases at it
+        for a in aliases:
+            reg.client.set_registered_model_alias(name, a, same.version)
+        out = {"name": name, "version": str(same.version), "uri": f"models:/{name}/{same.version}",
+               "alias": aliases[0], "extra_aliases": aliases[1:]}
+    else:
+        out = reg.register(job.out, evaluation=evaluation, alias=aliases[0])
     done = {"name": out["name"], "version": out["version"], "aliases": [out["alias"], *out["extra_aliases"]],
-            "uri": out["uri"], "tracking_uri": reg.tracking_uri, "adapter_sha256": st.get("adapter_sha256")}
+            "uri": out["uri"], "tracking_uri": reg.tracking_uri, "adapter_sha256": sha}
     if st:
         atomic_write_json(job.out / STATE_FILE, {**st, "registered": done})
         job.state = {**st, "registered": done}
