@@ -539,13 +539,12 @@ def _register(reg: Any, job: Job, evaluation: Optional[str]) -> Optional[dict]:
     sha = st.get("adapter_sha256") or sha256_file(job.out / "adapter.safetensors")
     name = reg.model_name(str(meta.get("method")))
     same = None
-    if evaluation is None and reg._registered(name) is not None:  # e.g. registered by `register@<method>` (DVC)
-        same = max((mv for mv in reg.client.search_model_versions(f"name='{name}'")
-                    if (mv.tags or {}).get("adapter_sha256") == sha), key=lambda mv: int(mv.version), default=None)
+    if evaluation is None:  # e.g. registered by `register@<method>` (DVC) with its evaluation
+        same = next((v for v in reg.list(name) if v["tags"].get("adapter_sha256") == sha), None)  # newest first
     if same is not None:  # this adapter is a version already: point the aliases at it
         for a in aliases:
-            reg.client.set_registered_model_alias(name, a, same.version)
-        out = {"name": name, "version": str(same.version), "uri": f"models:/{name}/{same.version}",
+            reg.client.set_registered_model_alias(name, a, same["version"])
+        out = {"name": name, "version": same["version"], "uri": f"models:/{name}/{same['version']}",
                "alias": aliases[0], "extra_aliases": aliases[1:]}
     else:
         out = reg.register(job.out, evaluation=evaluation, alias=aliases[0])
