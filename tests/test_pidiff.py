@@ -336,7 +336,7 @@ def test_personalize_register_skip_refuse_evaluate_generate(tmp_path, shards, mo
     assert cli.main(gen + ["--method", "pidiff", "--lambda", "0.7", "--out", "gen2"]) == 0  # evaluate.adapters.pidiff
     rec2 = json.loads((tmp_path / "gen2" / "img-p00-seed0.json").read_text())
     assert rec2["lambda"] == 0.7 and rec2["adapter"]["path"].endswith("models/pidiff/synthetic_002")
-    with pytest.raises(SystemExit, match="is a 'pidiff' adapter, not 'wplus'"):
+    with pytest.raises(SystemExit, match="holds a 'pidiff' adapter, not --method wplus"):
         cli.main(gen + ["--method", "wplus", "--adapter", str(folder), "--out", "gen3"])
 
 

@@ -1,8 +1,7 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
+    persona generate [--method M] [--ref PHOTO ... [--weights | --ref-weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
                      [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
-                     [--method M]    (the adapter of params evaluate.adapters[M]; with --adapter: must be M's)
                      [--<flag> PATH] (flags methods declare: entry points `persona.generate_inputs`,
                                       FLAG = "module:NAME_CONSTANT", the same as --input <that name>=PATH)
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
@@ -85,6 +84,27 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
                             "the input it names)")
 
 
+def _method_adapter(args, cfg, params) -> None:
+    """--method M: the adapter params evaluate.adapters[M] names (unless --adapter is given); a local
+    adapter folder must hold an adapter of method M."""
+    from pathlib import Path
+
+    from training import evaluate as ev
+    from training import methods
+    from training import generate as g
+
+    try:
+        methods.get(args.method)
+        if args.adapter is None:
+            cfg.adapter = ev.adapter_for(ev.evaluate_config(params), args.method)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"persona generate: {e.args[0]}") from None
+    if cfg.adapter and not str(cfg.adapter).startswith("models:/") and Path(cfg.adapter).exists():
+        _, meta = g.read_adapter_folder(cfg.adapter)
+        if meta.get("method") != args.method:
+            raise SystemExit(f"persona generate: {cfg.adapter} holds a '{meta.get('method')}' adapter, not --method {args.method}")
+
+
 def _cmd_generate(args) -> int:
     from training import generate as g
 
@@ -103,6 +123,8 @@ def _cmd_generate(args) -> int:
         v = getattr(args, attr)
         if v is not None:
             setattr(cfg, key, v)
+    if args.method:
+        _method_adapter(args, cfg, params)
     if args.base_model:
         cfg.base_model = g.BaseModelOverride(path=args.base_model)
     if args.preset:
@@ -119,21 +141,9 @@ def _cmd_generate(args) -> int:
         if name in inputs:
             raise SystemExit(f"persona generate: --{flag} and --input {name}=... give the same input")
         inputs[str(name)] = value
-    gen = None
-    if args.method:
-        from pipeline.config import to_dict
-
-        if args.adapter is None:
-            from training.evaluate import adapter_for, evaluate_config
-
-            cfg.adapter = adapter_for(evaluate_config(params), args.method)
-        gen = g.Generator.load(cfg.adapter, base=to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype,
-                               tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
-        if gen.method.name != args.method:
-            raise SystemExit(f"persona generate: --adapter {cfg.adapter} is a '{gen.method.name}' adapter, not '{args.method}'")
     req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=inputs,
                     options=_pairs(args.option, "--option"), name=args.name)
-    recs = g.generate(req, cfg, params=params, out=args.out, generator=gen)
+    recs = g.generate(req, cfg, params=params, out=args.out)
     out = args.out or cfg.out
     for r in recs:
         print(f"[generate] {out}/{r['image']['file']}  seed={r['seed']} lambda={r['lambda']} prompt={r['prompt']!r}")
@@ -260,15 +270,16 @@ def register(sub) -> None:
                        "+ the conditioner inputs per image, with any method's adapter through a diffusers pipeline. "
                        "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
+    s.add_argument("--method", help="the adapter of this method that params evaluate.adapters names (without --adapter); "
+                   "with --adapter: checked against it")
     s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
-    s.add_argument("--weights", type=float, nargs="+", help="mixing weight per --ref (default: equal)")
+    s.add_argument("--weights", "--ref-weights", dest="weights", type=float, nargs="+",
+                   help="mixing weight per --ref, a convex combination (default: equal)")
     s.add_argument("--region", action="append",
                    help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
     s.add_argument("--input", action="append", metavar="NAME=PATH",
                    help="a method-specific input file (e.g. a code .npy, an expression photo; see the method's doc)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method-specific option")
-    s.add_argument("--method", help="generate with params evaluate.adapters[METHOD] (with --adapter: check it is "
-                   "that method's adapter)")
     s.add_argument("--scheduler", choices=["ddim", "euler_a", "dpm++"], help="diffusers sampler (default params)")
     s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     s.add_argument("--negative-prompt", dest="negative_prompt")

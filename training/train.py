@@ -478,6 +478,8 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     if logger is not None and trainer.is_global_zero:
         hp = {"method": method.name, "phase": phase.name, "signature": signature, "precision": precision,
               "device": device, "data.train_samples": data["train_samples"], "data.source": data["source"],
+              **{k: v for k, v in flat_params(data.get("sampler") or {}, "data.sampler.").items()
+                 if not isinstance(v, (list, tuple))},
               **flat_params({k: v for k, v in tp.as_dict().items() if k not in ("methods", "runs")}, "train."),
               **flat_params(method_options(tp, method.name), "method."), **flat_params(pcfg, "phase.")}
         if init:
@@ -518,6 +520,8 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         "fast_dev_run": bool(fast_dev_run),
         "phase_record": phase.record(pcfg),
     }
+    if data.get("sampler"):
+        record["sampler"] = data["sampler"]
     st, js = export_adapter(module, out, record)
     if not fast_dev_run:
         prune_checkpoints(ckdir, pcfg.keep_last)
@@ -526,7 +530,8 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
                **summarize(module.history),
                "samples_per_s": round(float(module._last_log.get("samples_per_s", 0.0)), 3),
                "weights_random": not all(weights_real.values()),
-               "resumed_from_step": _ckpt_step(ckpt_path)}
+               "resumed_from_step": _ckpt_step(ckpt_path),
+               **sampler_metrics(data.get("sampler"))}
     if not fast_dev_run:
         stem = f"train_{method.name}_{phase.output_name(pcfg)}"
         Path(cfg.metrics_dir).mkdir(parents=True, exist_ok=True)
@@ -546,6 +551,12 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     print(f"[train {tag}] done: step {step}, loss {metrics.get('loss')}, adapter {st}, "
           f"mlflow run {mlflow_info['run_id']} in {seconds:.1f}s", flush=True)
     return result
+
+
+def sampler_metrics(report: Optional[Mapping[str, Any]]) -> dict[str, float]:
+    """The numeric entries of the sampler's data report (`Sampler.describe`) as `sampler_<key>` metrics."""
+    return {f"sampler_{k}": v for k, v in (report or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _ckpt_step(path: Optional[Path]) -> Optional[int]:
