@@ -209,19 +209,18 @@ def build_identity_data(params: Params, identity: str, images: str | os.PathLike
     from pipeline import plugins
     from pipeline.cli import run_stage
     from pipeline.config import SourceConfig
+    from pipeline.shard_reader import ShardIndex, shard_urls
     from pipeline.stage import Context
-
-    photos = photos_in(images)
+    from pipeline.store import atomic_write_bytes
     from training.methods.base import DataVerdict
 
+    photos = photos_in(images)
     if not photos:
         raise DataVerdict(f"--images {images}: no photos ({', '.join(IMAGE_SUFFIXES)})", reason="no_photos")
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "photos.jsonl"
     lines = "".join(json.dumps({"path": str(p.resolve()), "identity": identity}, sort_keys=True) + "\n" for p in photos)
     if not manifest.is_file() or manifest.read_text() != lines:
-        from pipeline.store import atomic_write_bytes
-
         atomic_write_bytes(manifest, lines.encode())
     p = copy.deepcopy(params)
     p.ingest.sources = [SourceConfig(name="personalize", path=str(manifest), labeled=True, allow_outside=True)]
@@ -231,8 +230,6 @@ def build_identity_data(params: Params, identity: str, images: str | os.PathLike
     print(f"[personalize] {identity}: data stages on {len(photos)} photo(s) of {images} -> {root}", flush=True)
     for st in plugins.data_stages():
         run_stage(st.name, ctx)
-    from pipeline.shard_reader import ShardIndex, shard_urls
-
     urls = shard_urls(root / "shards")
     names = sorted(ShardIndex(urls, ("json",)).by_identity()[0]) if urls else []
     if len(names) == 1 and names[0] != identity:
