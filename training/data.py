@@ -5,7 +5,8 @@ decoded, by `pipeline.shard_reader`; with `train.jpeg_draft` JPEGs at about the 
 `Phase.decode_sizes`), how a sample becomes an example (`Phase.example`; the
 conditioner inputs come from `Method.inputs([sample])`), how examples become a batch
 (`Phase.collate`) and which samples make a batch (`Phase.sampler`: `PlainSampler` or
-`IdentityGroupedSampler`).
+`IdentityGroupedSampler`). The phase reads the shard splits it names (`Phase.splits`, default the
+train split) and is bound to that source once per process (`Phase.bind`) before any batch.
 
 Determinism (exact resume). Batch `b` (micro-batch index; b = global_step * accumulate at the
 start of a run) is a pure function of (seed, b, rank, world): sample i of it has the global
@@ -278,6 +279,14 @@ class PersonaDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_source is not None:
             return
+        self.load_sources()
+        # the phase bound to this run's data (`Phase.bind`): the loaders and the objective use it
+        self.phase = self.phase.bind(self.pcfg, self.train_source)
+        self.examples = Examples(self.method, self.phase, self.pcfg, self.cfg.resolution, draft=self.cfg.jpeg_draft)
+
+    def load_sources(self) -> None:
+        """The train source (the phase's splits of the shards, or synthetic samples), the validation
+        source and the data signature, without binding the phase (see `setup`)."""
         need = self.examples.keys
         if self.cfg.synthetic > 0:
             size = max(64, self.cfg.resolution)
@@ -287,15 +296,17 @@ class PersonaDataModule(L.LightningDataModule):
             self.signature = f"synthetic:{self.cfg.synthetic}:{self.cfg.seed}:{size}"
             return
         root = spath(self.cfg.shards)
-        train_urls = shard_urls(root, "train")
+        splits = tuple(self.phase.splits)
+        train_urls = list(dict.fromkeys(u for split in splits for u in shard_urls(root, split)))
         if not train_urls:
-            raise FileNotFoundError(f"no train shards under {root} (run the shards stage, or set train.synthetic)")
+            raise FileNotFoundError(f"no {'/'.join(splits)} shards under {root} (run the shards stage, or set "
+                                    "train.synthetic)")
         self.train_source = ShardIndex(train_urls, need)
         if self.train_source.skipped:
             log.warning("train shards: skipped samples %s", self.train_source.skipped)
         if len(self.train_source) == 0:
             raise ValueError(f"no usable train samples in {root} (skipped: {self.train_source.skipped})")
-        val_urls = shard_urls(root, "val")
+        val_urls = shard_urls(root, "val") if "val" not in splits else []
         val = ShardIndex(val_urls, tuple(dict.fromkeys(need + ("face.jpg",)))) if val_urls else None
         self.val_source = val if val is not None and len(val) else self.train_source
         idx = root / "index.json"

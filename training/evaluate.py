@@ -2,7 +2,10 @@
 
 Evaluation set: the labeled faces of the shards' `split` (default val; identity-disjoint from
 training), identities sorted by name, at most `max_identities`, the first `faces_per_identity`
-faces (by key) of each, read with the one shard reader (`pipeline.shard_reader`). Any method:
+faces (by key) of each, read with the one shard reader (`pipeline.shard_reader`); or, when the
+adapter names its evaluation faces (adapter.json `phase_record.evaluation_faces`, e.g. a
+per-identity fine-tune's held-out photos of its identity), exactly those faces, from any split.
+lambda (`scale`) unset: the adapter's default (adapter.json `scale`, set by its method). Any method:
 a face's conditioner inputs are the method's `inputs(references)` of its shard members (the face
 itself, or its first `references` faces of the same identity), its reference image `face.jpg`.
 Each face x each prompt x `num_images` seeds is generated with the adapter (the `generate` code
@@ -55,6 +58,7 @@ are then the honest values.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -119,7 +123,7 @@ class EvaluateConfig:
     scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
     steps: int = 25
     guidance: float = 7.5
-    scale: float = 1.0  # lambda
+    scale: Optional[float] = None  # lambda; null -> the adapter's default (adapter.json scale, set by its method)
     delay_steps: int = 0
     negative_prompt: str = ""
     resolution: Optional[int] = None  # null -> the adapter's training resolution (else the UNet's native size)
@@ -369,9 +373,10 @@ class EvalFace:
 
 
 def labeled_faces(shards: str | os.PathLike, splits: Sequence[str], max_identities: int, max_per_identity: int,
-                  need: Sequence[str] = ()) -> list[EvalFace]:
+                  need: Sequence[str] = (), keys: Optional[Sequence[str]] = None) -> list[EvalFace]:
     """The first `max_per_identity` faces (by key) of the first `max_identities` identities (by
-    name) among the faces holding `need` (+ face.jpg, json), read with the one shard reader."""
+    name) among the faces holding `need` (+ face.jpg, json) (only those in `keys` when given), read
+    with the one shard reader."""
     from pipeline.shard_reader import ShardIndex, shard_urls
 
     members = tuple(dict.fromkeys(("face.jpg", "json", *need)))
@@ -385,6 +390,8 @@ def labeled_faces(shards: str | os.PathLike, splits: Sequence[str], max_identiti
             continue
         index = ShardIndex(urls, members)
         for i in range(len(index)):
+            if keys is not None and index.key(i) not in keys:
+                continue
             ident = index.identity(i)
             if ident is not None:
                 by_id.setdefault(ident, []).append((index.key(i), index, i))
@@ -758,17 +765,29 @@ def evaluate(
     gen = generator or Generator.load(adapter_for(cfg), device=cfg.device, dtype=cfg.dtype)
     method = gen.method
     cfg = for_method(cfg, method.name)
+    if cfg.scale is None:
+        cfg = dataclasses.replace(cfg, scale=gen.default_scale)
     size = int(cfg.resolution or gen.default_size)
-    loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
-                           need=method.needs)
+    # an adapter may name the faces it is scored on (`Phase.record` "evaluation_faces", e.g. a
+    # per-identity fine-tune: its identity's held-out photos), from any split
+    only = (gen.resolved.meta.get("phase_record") or {}).get("evaluation_faces")
+    if only:
+        cfg = dataclasses.replace(cfg, split="adapter:evaluation_faces")
+        loaded = labeled_faces(cfg.shards, ("train", "val"), len(only), len(only), need=method.needs, keys=set(only))
+        per_identity = len(only)
+    else:
+        loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
+                               need=method.needs)
+        per_identity = cfg.faces_per_identity
     if not loaded:
-        raise RuntimeError(f"no labeled faces with {', '.join(method.needs) or 'faces'} in split '{cfg.split}' of {cfg.shards}")
+        raise RuntimeError(f"no labeled faces with {', '.join(method.needs) or 'faces'} in split '{cfg.split}' of {cfg.shards}"
+                           + (f" among the adapter's evaluation faces {sorted(only)[:4]}" if only else ""))
     by_id: dict[str, list[EvalFace]] = {}
     for f in loaded:
         by_id.setdefault(f.identity, []).append(f)
     faces, inputs = [], []
     for ident, group in by_id.items():
-        for j, f in enumerate(group[:cfg.faces_per_identity]):
+        for j, f in enumerate(group[:per_identity]):
             refs = [f] + [g for g in group if g is not f][:cfg.references - 1]
             faces.append(f)
             inputs.append(method.inputs([r.sample for r in refs]))

@@ -89,7 +89,7 @@ class GenerateConfig:
     scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
     steps: int = 50  # sampler steps
     guidance: float = 7.5  # CFG scale; <= 1 = no unconditional branch
-    scale: float = 1.0  # lambda, weight of the identity
+    scale: Optional[float] = None  # lambda, weight of the identity; null -> the adapter's default (adapter.json scale)
     delay_steps: int = 0  # steps at the start with lambda = 0
     seed: int = 0  # first seed; image k of a prompt uses seed + k
     num_images: int = 1  # per prompt
@@ -317,6 +317,13 @@ class Generator:
         return int(r) if isinstance(r, int) and r > 0 else self.native_size
 
     @property
+    def default_scale(self) -> float:
+        """lambda when the request leaves it unset: the method's inference default recorded in
+        adapter.json (`scale`), else 1.0."""
+        s = self.resolved.meta.get("scale")
+        return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else 1.0
+
+    @property
     def weights_real(self) -> dict[str, bool]:
         d = {f"base.{k}": bool(v.weights_real) for k, v in self.comps.info.items()}
         d.update({f"adapter.{k}": bool(v) for k, v in (self.resolved.meta.get("weights_real") or {}).items()})
@@ -457,6 +464,7 @@ def generate(
     h, wd = int(cfg.height or gen.default_size), int(cfg.width or gen.default_size)
     regions = load_regions(identities, h, wd)
     conditioning = save_conditioning(out, req.name, prepared, identities)
+    scale = gen.default_scale if cfg.scale is None else float(cfg.scale)
     vers = versions()
     records = []
     for pi, prompt in enumerate(req.prompts):
@@ -466,7 +474,7 @@ def generate(
             stem = f"{req.name}-p{pi:02d}-seed{seed}"
             img = gen.sample([[p.inputs for p in prepared]], [model_prompt], [seed], scheduler=cfg.scheduler,
                              negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                             scale=cfg.scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions)[0]
+                             scale=scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions)[0]
             rec = {
                 "format": RECORD_FORMAT,
                 "image": {"file": f"{stem}.png", "sha256": _write_png(out / f"{stem}.png", img), "height": h, "width": wd},
@@ -481,7 +489,7 @@ def generate(
                               "config": dict(gen.pipe.scheduler.config)},
                 "steps": int(cfg.steps),
                 "guidance": float(cfg.guidance),
-                "lambda": float(cfg.scale),
+                "lambda": scale,
                 "delay_steps": int(cfg.delay_steps),
                 "adapter": gen.resolved.as_record(),
                 "base_model": {**gen.base, "parts": {k2: v.as_dict() for k2, v in gen.comps.info.items()}},

@@ -4,7 +4,9 @@
                its training run (adapter.json mlflow.run_id, when that run exists on this tracking
                server) or of a new run, then `MlflowClient.create_model_version(name,
                source=<run artifact uri>/adapter, run_id=...)` (MLflow 3's `register_model` refuses
-               a plain artifact folder), tagged with the evaluation metrics (`metric.<name>` = value,
+               a plain artifact folder), tagged with the adapter phase's own tags and aliases
+               (adapter.json `phase_record.registry`, e.g. a per-identity fine-tune's identity and
+               `<identity>-champion`), the evaluation metrics (`metric.<name>` = value,
                or `missing: <reason>`), the evaluation-set id (`eval_set`), git commit, shards
                hash, method, phase, params hash (adapter.json `params_hash` / `signature`, else a
                hash of the training run's MLflow params), adapter sha256, weights_real; alias
@@ -490,6 +492,11 @@ class Registry:
         }
         if ev is None:
             tags["evaluated"] = "false"
+        # what the adapter's phase asks for (`Phase.record` "registry"): extra tags (never replacing
+        # the ones above) and aliases (e.g. a per-identity fine-tune: identity tags, <identity>-champion)
+        extra = (meta.get("phase_record") or {}).get("registry") or {}
+        tags = {**{str(k): str(v) for k, v in (extra.get("tags") or {}).items()}, **tags}
+        extra_aliases = [str(a) for a in extra.get("aliases") or [] if str(a) != alias]
         if not real:
             log.warning("!!! registering %s with RANDOM weights somewhere (weights_real=false): not a usable model !!!", name)
 
@@ -513,8 +520,11 @@ class Registry:
                                                   description=f"{meta.get('method')} {meta.get('phase')} adapter {sha[:12]}")
             mv = self._wait_ready(name, mv.version)
         self.client.set_registered_model_alias(name, alias, mv.version)
+        for a in extra_aliases:
+            self.client.set_registered_model_alias(name, a, mv.version)
         out = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}", "alias": alias,
                "alias_uri": f"models:/{name}@{alias}", "run_id": mv.run_id, "source": mv.source,
+               "extra_aliases": extra_aliases,
                "reused_training_run": reused_run, "reused_version": existing is not None,
                "tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri, "tags": tags}
         log.info("registered %s version %s (%s) from run %s", name, mv.version, alias, mv.run_id)

@@ -19,6 +19,10 @@ import argparse
 import json
 import sys
 
+# Methods declare generation input flags as entry points: `FLAG = "module:ATTR"`, ATTR a string naming
+# the method input (`Method.prepare` files) the flag fills, e.g. `style-ref` -> "style". Only the
+# flag names are read to build the parser; the module is imported when the flag is used.
+
 
 def _params(path: str):
     from pipeline.config import load_params
@@ -304,7 +308,8 @@ def register(sub) -> None:
     s.add_argument("--scheduler", choices=["ddim", "euler_a", "dpm++"], help="diffusers sampler (default params)")
     s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     s.add_argument("--negative-prompt", dest="negative_prompt")
-    s.add_argument("--lambda", dest="lam", type=float, help="identity scale lambda (default params generate.scale)")
+    s.add_argument("--lambda", dest="lam", type=float,
+                   help="identity scale lambda (default params generate.scale; null: the adapter's method default)")
     s.add_argument("--delay", type=int, help="sampler steps with lambda 0 at the start (delayed identity)")
     s.add_argument("--seed", type=int)
     s.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed, seed+1, ...)")

@@ -9,7 +9,9 @@ Outputs (paths from the `train` section; M = method, P = the phase's output name
     <out_dir>/M/P/adapter.safetensors    the adapter (`training.adapter.save_adapter`: self-describing,
                                           EMA weights when ema > 0; never the frozen UNet)
     <out_dir>/M/P/adapter.json           {"method", "phase", "base_model", "conditioner", "injection",
-                                          "scale", "mlflow", "lineage", "weights_real", "global_step", "seed", ...}
+                                          "scale" (the method's default inference lambda), "mlflow",
+                                          "lineage", "weights_real", "global_step", "seed",
+                                          "phase_record" (`Phase.record` of the bound phase), ...}
     <checkpoints_dir>/M/P/               Lightning checkpoints (trained weights + optimizer + schedule +
                                           EMA), last N kept + last.ckpt, run.json
     <metrics_dir>/train_M_P.json         final / first loss terms, steps, throughput (DVC metrics)
@@ -330,6 +332,8 @@ def export_adapter(module: PersonaModule, folder: Path, record: dict) -> tuple[P
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"global_step": str(record["global_step"]), "seed": str(record["seed"]),
             "resolution": str(record["resolution"])}
+    if record.get("phase_record"):
+        meta["phase_record"] = json.dumps(record["phase_record"], sort_keys=True)
     with module.export_weights() as adapter:
         st = save_adapter(adapter, folder / ADAPTER_FILE, metadata=meta)
     js = folder / RECORD_FILE
@@ -438,6 +442,7 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     comps = load_components(cfg, resolve_frozen_dtype(cfg.frozen_dtype, precision))
     dm = PersonaDataModule(method, phase, cfg, pcfg)
     dm.setup()
+    phase = dm.phase  # bound to the training data (`Phase.bind`)
     adapter, init = build_adapter(method, phase, tp, comps, source=dm.train_source)
     data = dm.describe()
     weights_real = {f"diffusion.{k}": bool(v.weights_real) for k, v in comps.info.items()}
@@ -517,7 +522,7 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         "method": method.name, "phase": phase.name, "output": phase.output_name(pcfg),
         "base_model": base_model_record(cfg),
         "conditioner": adapter.conditioner.config(), "injection": adapter.injection.config(),
-        "trained_base": list(adapter.trained_base), "scale": 1.0,
+        "trained_base": list(adapter.trained_base), "scale": float(method.inference_scale(tp.method(method.name))),
         "mlflow": {k: mlflow_info[k] for k in ("tracking_uri", "run_id", "experiment")},
         "lineage": {"git_commit": commit, "shards_hash": shards},
         "weights_real": weights_real, "global_step": step, "seed": cfg.seed,
@@ -527,6 +532,7 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         "init": {"path": str(init), "sha256": sha256_file(init)} if init else None,
         "calibration": getattr(adapter, "calibration", None) or None,
         "fast_dev_run": bool(fast_dev_run),
+        "phase_record": phase.record(pcfg),
     }
     if data.get("sampler"):
         record["sampler"] = data["sampler"]

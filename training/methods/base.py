@@ -80,6 +80,17 @@ class Phase:
                  "unet", "text_encoder" (base parts; then saved with the adapter); the rest is frozen
       init       the phase whose output this one starts from by default (None: a fresh adapter)
       members    shard members the examples read (the method's `needs` are added)
+      splits     shard splits it trains on (default the train split; a per-identity fine-tune may
+                 read an identity from any split)
+      per_identity  one run per identity: its config has an `identity` field, `output_name` names
+                 the output per identity, and `persona personalize` runs it (one identity, or one
+                 Ray task per identity)
+
+    Data-bound phases: `bind(cfg, source)` returns the phase bound to the run's training source
+    (called once per process by the data module, before any batch): what it derives from the data
+    (e.g. the identity's photos, per-dimension statistics) lives on the returned instance, which the
+    data loaders and the objective then use. `record(cfg)` (on the bound phase) adds JSON facts to
+    the adapter record (`adapter.json["phase_record"]`, see there).
     """
 
     name: str = ""
@@ -87,6 +98,26 @@ class Phase:
     trains: tuple[str, ...] = ("conditioner", "injection")
     init: Optional[str] = None
     members: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train",)
+    per_identity: bool = False
+
+    # ---------------------------------------------------------------- binding to the data
+    def bind(self, cfg: PhaseConfig, source: Any) -> "Phase":
+        """The phase bound to the run's training source (`pipeline.shard_reader.ShardIndex` or
+        `MemorySource` over `splits`): a new instance holding what it derives from the data, or self
+        (default: nothing to derive). Raise `DataVerdict` when the data cannot serve the phase (e.g.
+        too few photos of the identity): a recorded verdict, not a failure of the run."""
+        return self
+
+    def record(self, cfg: PhaseConfig) -> dict[str, Any]:
+        """JSON facts of the (bound) phase for the adapter record, `adapter.json["phase_record"]`:
+        anything informational (e.g. the identity, the adapter it started from), plus two keys
+        generic code reads: `evaluation_faces` (shard keys: `persona evaluate` scores the adapter on
+        these faces, from any split, instead of the held-out identities of `evaluate.split`) and
+        `registry` ({"tags": {...}, "aliases": [...]}: added when the adapter is registered).
+        For a per-identity phase it is also part of the personalisation cache key, so it must name
+        everything of the data that shapes the weights. Default: {}."""
+        return {}
 
     # ---------------------------------------------------------------- data (DataLoader workers)
     def trainable(self, cfg: PhaseConfig) -> tuple[str, ...]:
@@ -140,6 +171,19 @@ class Phase:
     def output_name(self, cfg: PhaseConfig) -> str:
         """Folder / run name of this phase's output (e.g. per identity for a personalisation phase)."""
         return self.name
+
+
+class DataVerdict(ValueError):
+    """The training data cannot serve a phase (e.g. an identity with too few usable photos): a
+    verdict about the input, recorded as such with its `reason` code (not retried), never a failure
+    of the run."""
+
+    def __init__(self, message: str, reason: str = "unusable_data"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))
 
 
 # ============================================================================================
@@ -231,6 +275,11 @@ class Method:
         from a fresh adapter (an init adapter brings its own). Returns what to record in adapter.json
         (`calibration`). Default: nothing."""
         return {}
+
+    def inference_scale(self, cfg: Any) -> float:
+        """The identity scale lambda generation and evaluation use when their params leave it
+        unset (recorded as `scale` in adapter.json). Default 1.0."""
+        return 1.0
 
     # ---------------------------------------------------------------- conditioner inputs
     def inputs(self, samples: Sequence[dict], weights: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
