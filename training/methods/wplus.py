@@ -94,7 +94,7 @@ class WPlusConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
-    def validate(self) -> None:
+    def validate(self, path: str = "train.methods.wplus") -> None:
         a = self.stage2.image_aug
         if not (0 < a.min_crop_scale <= 1 and 0 <= a.min_face_fraction <= 1):
             raise ConfigError("train.methods.wplus.stage2.image_aug: min_crop_scale in (0, 1], min_face_fraction in [0, 1]")
