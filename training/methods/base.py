@@ -180,6 +180,8 @@ class Method:
       needs         shard members the conditioner inputs are made from
       input_keys    names of the conditioner inputs (batch keys)
       stage_aliases `persona train --stage N` -> phase name (e.g. {"1": "stage1"})
+      options       generation options the method reads in `prepare` ({name: help}): given as
+                    `persona generate --option NAME=VALUE` or as a flag `--NAME VALUE` (`_` as `-`)
     """
 
     name: str = ""
@@ -190,6 +192,7 @@ class Method:
     needs: tuple[str, ...] = ()
     input_keys: tuple[str, ...] = ()
     stage_aliases: Mapping[str, str] = {}
+    options: Mapping[str, str] = {}
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
@@ -214,8 +217,10 @@ class Method:
     def prepare(self, identity: Identity, files: Mapping[str, str], options: Mapping[str, str], kit: Any) -> Prepared:
         """Generation: one requested identity -> conditioner inputs. `files` / `options`: the
         request's method-specific named input files and options (`persona generate --input NAME=PATH
-        --option KEY=VALUE`); `kit` (`training.references.ReferenceKit`) turns reference photos into
-        shard-like samples holding the members in `needs`. Default: `inputs(kit.samples(refs))`."""
+        --option KEY=VALUE`, or `--KEY VALUE` for the names in `options`); `kit`
+        (`training.references.ReferenceKit`) turns reference photos into shard-like samples holding
+        the members in `needs`; `kit.content` is the request's content photo (image-to-image), or
+        None. Default: `inputs(kit.samples(refs))`."""
         if files or options:
             raise ValueError(f"method '{self.name}' takes no --input / --option (got {sorted(files)} {sorted(options)})")
         if not identity.references:
