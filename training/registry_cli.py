@@ -1,9 +1,10 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
-                     [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
-                     [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
-                     [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
+    persona generate [--ref PHOTO ... [--weights W ... | --mix W,W,...]] [--region MASK ...] [--input NAME=PATH ...]
+                     [--option KEY=VALUE ...] [--METHOD-OPTION VALUE ...] --prompt TEXT [--prompt ...]
+                     [--adapter DIR | models:/NAME@ALIAS | --method M] [--content PHOTO [--strength S]
+                     [--assign I,J,...]] [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S]
+                     [--num-images N] [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
     persona evaluate [--adapter ... | --method M] [--shards DIR] [--no-mlflow]     params `evaluate:`
     persona registry register --adapter DIR [--metrics metrics/evaluate_M.json]   -> persona-<method>
@@ -41,18 +42,52 @@ def _pairs(items, flag: str) -> dict[str, str]:
     return out
 
 
+def _numbers(text: str, flag: str, kind=float) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"persona generate: {flag} {text!r}: expected comma-separated numbers") from None
+
+
 def _identities(args) -> list:
-    """--ref photos [+ --weights] = one identity; with --region masks: identity i = (ref i, region i)."""
+    """--ref photos [+ --weights / --mix] = one identity; with --region masks: identity i = (ref i,
+    region i); with --content and several refs (no weights): identity i = ref i, its region the
+    content photo's person i (`generate.content_identities`)."""
     from training.methods.base import Identity
 
     refs, regions = list(args.ref or []), list(args.region or [])
-    if args.weights and len(args.weights) != len(refs):
-        raise SystemExit(f"persona generate: {len(args.weights)} --weights for {len(refs)} --ref photos")
+    if args.mix and args.weights:
+        raise SystemExit("persona generate: give --weights or --mix, not both")
+    weights = _numbers(args.mix, "--mix") if args.mix else (list(args.weights) if args.weights else None)
+    if weights and len(weights) != len(refs):
+        raise SystemExit(f"persona generate: {len(weights)} mixing weights for {len(refs)} --ref photos")
+    if args.assign and not (args.content and len(refs) > 1 and not weights):
+        raise SystemExit("persona generate: --assign goes with --content and several --ref (one identity each)")
     if regions:
-        if len(regions) != len(refs) or args.weights:
+        if len(regions) != len(refs) or weights:
             raise SystemExit("persona generate: with --region, give one --ref per region (identity i = ref i in region i)")
         return [Identity([r], None, m) for r, m in zip(refs, regions)]
-    return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
+    if args.content and len(refs) > 1 and not weights:
+        return [Identity([r]) for r in refs]
+    return [Identity(refs, weights)] if refs else []
+
+
+def _flag_options(extra: list[str]) -> dict[str, str]:
+    """`--name VALUE` / `--name=VALUE` arguments argparse does not know -> method options {name: VALUE}
+    (dashes -> underscores); the method says which it takes (`Method.options`)."""
+    out, i = {}, 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise SystemExit(f"persona generate: unexpected argument {tok!r}")
+        name, sep, value = tok[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise SystemExit(f"persona generate: {tok} needs a value")
+            value, i = extra[i + 1], i + 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
 
 
 def _cmd_generate(args) -> int:
@@ -77,11 +112,23 @@ def _cmd_generate(args) -> int:
         cfg.base_model = g.BaseModelOverride(path=args.base_model)
     if args.preset:
         cfg.base_model = g.BaseModelOverride(preset=args.preset)
+    if args.strength is not None:
+        cfg.strength = args.strength
+    if args.method:
+        from training.evaluate import adapter_for, evaluate_config
+
+        cfg.adapter = args.adapter or adapter_for(evaluate_config(params), args.method)
     g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
     if not args.prompt:
         raise SystemExit("persona generate: give --prompt (or --from-json)")
+    options = _pairs(args.option, "--option")
+    for k, v in _flag_options(getattr(args, "extra", None) or []).items():
+        if k in options and options[k] != v:
+            raise SystemExit(f"persona generate: option {k} given twice ({options[k]!r}, {v!r})")
+        options[k] = v
     req = g.Request(prompts=args.prompt, identities=_identities(args), inputs=_pairs(args.input, "--input"),
-                    options=_pairs(args.option, "--option"), name=args.name)
+                    options=options, name=args.name, content=args.content,
+                    assign=_numbers(args.assign, "--assign", int) if args.assign else None, method=args.method)
     recs = g.generate(req, cfg, params=params, out=args.out)
     out = args.out or cfg.out
     for r in recs:
@@ -210,7 +257,17 @@ def register(sub) -> None:
                        "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
     s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
+    s.add_argument("--method", help="the adapter of this method in params evaluate.adapters (or check --adapter's)")
     s.add_argument("--weights", type=float, nargs="+", help="mixing weight per --ref (default: equal)")
+    s.add_argument("--mix", metavar="W,W,...", help="mix the --ref identities by these weights (comma-separated; "
+                   "same as --weights)")
+    s.add_argument("--content", metavar="PHOTO",
+                   help="image-to-image from this photo (at --strength); with several --ref, identity i is person i "
+                   "of the photo (its instance mask is identity i's region; left to right, or --assign)")
+    s.add_argument("--strength", type=float, help="with --content: how much of it is re-generated, 0..1 "
+                   "(default params generate.strength)")
+    s.add_argument("--assign", metavar="I,J,...", help="with --content and several --ref: ref k goes to person "
+                   "assign[k] of the content photo (0 = leftmost)")
     s.add_argument("--region", action="append",
                    help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
     s.add_argument("--input", action="append", metavar="NAME=PATH",
@@ -236,7 +293,9 @@ def register(sub) -> None:
     s.add_argument("--from-json", dest="from_json", help="re-run a generation record")
     s.add_argument("--check", action="store_true", help="with --from-json: exit 1 unless the pixels are identical")
     _mlflow_args(s)
-    s.set_defaults(func=_cmd_generate)
+    s.epilog = ("A method's own options (its `options`) are also flags: --NAME VALUE is --option NAME=VALUE "
+                "(e.g. --text-guidance 0.5).")
+    s.set_defaults(func=_cmd_generate, accepts_extra=True)
 
     s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",
                        description="Generate for the val identities x prompts, score identity similarity, "
