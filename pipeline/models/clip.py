@@ -64,6 +64,47 @@ def style_image(rgb: np.ndarray, face_mask: np.ndarray, fill: int = 127) -> np.n
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def wild_style(rgb: np.ndarray, face: Any, scale: float, size: int, erode_at_1024: int, blur_at_1024: int,
+               fill: int = 127) -> np.ndarray:
+    """A photo's face (`.lm5`, `.mesh` or None) -> its style image as the stages make it: the
+    in-the-wild crop (`align.wild_crop`, side `scale` x the FFHQ quad, `size` px) with the face mask
+    (hull of the mesh, or the quad ellipse; eroded, blurred: `masks.hull_mask`) greyed out."""
+    from pipeline.models import align as geom
+    from pipeline.models.instances import crop_matrix
+    from pipeline.models.masks import hull_mask, quad_ellipse_points
+
+    quad = geom.ffhq_quad(np.asarray(face.lm5, dtype=np.float64))
+    crop, _ = geom.wild_crop(rgb, quad, scale, size)
+    pts = np.asarray(face.mesh, dtype=np.float64) if getattr(face, "mesh", None) is not None else quad_ellipse_points(quad)
+    mask = hull_mask(geom.apply_matrix(crop_matrix(quad, scale, size), pts), size, erode_at_1024, blur_at_1024)
+    return style_image(crop, mask, fill)
+
+
+def photo_style(rgb: np.ndarray, faces: Sequence[Any], scale: float, size: int, erode_at_1024: int,
+                blur_at_1024: int, fill: int = 127) -> np.ndarray:
+    """A whole photo with EVERY face greyed out (each face's crop mask as in `wild_style`, warped
+    back to the photo): the style image of a content or style photo."""
+    import cv2
+
+    from pipeline.models import align as geom
+    from pipeline.models.instances import crop_matrix
+    from pipeline.models.masks import hull_mask, quad_ellipse_points
+
+    h, w = rgb.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    for f in faces:
+        if getattr(f, "lm5", None) is None:
+            continue
+        quad = geom.ffhq_quad(np.asarray(f.lm5, dtype=np.float64))
+        m = crop_matrix(quad, scale, size)
+        pts = np.asarray(f.mesh, dtype=np.float64) if getattr(f, "mesh", None) is not None else quad_ellipse_points(quad)
+        crop_mask = hull_mask(geom.apply_matrix(m, pts), size, erode_at_1024, blur_at_1024)
+        back = cv2.warpAffine(crop_mask, np.linalg.inv(m)[:2], (w, h), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mask = np.maximum(mask, back)
+    return style_image(rgb, mask, fill)
+
+
 def tensors_fingerprint(module: Any, length: int = 16) -> str:
     """sha256 over a module's state dict (names, shapes, dtypes and bytes of every tensor)."""
     import torch
