@@ -525,13 +525,13 @@ def generate(
     check_strength(cfg.strength)
     identities = list(req.identities) or [Identity()]
     out = Path(out or cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     h, wd = int(cfg.height or gen.default_size), int(cfg.width or gen.default_size)
     content, image = None, None
     own = kit is None
     kit = kit or ReferenceKit(params)
     try:
         if req.content:
+            out.mkdir(parents=True, exist_ok=True)
             content, image, identities = _prepare_content(
                 req, identities, kit, out, h, wd, sized=cfg.height is not None or cfg.width is not None,
                 side=gen.default_size, multiple=gen.comps.vae_scale_factor)
@@ -544,6 +544,7 @@ def generate(
         if own:
             kit.close()
 
+    out.mkdir(parents=True, exist_ok=True)
     regions = load_regions(identities, h, wd)
     conditioning = save_conditioning(out, req.name, prepared, identities)
     vers = versions()
