@@ -379,3 +379,66 @@ def test_text_guidance_is_refused_without_a_prior(adapter_dir, sample_raw, capsy
     assert "unknown input/option ['no_such_flag']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["stages", "--text-guidance", "0.5"])  # other commands still reject unknown arguments
+
+
+def _tiny_prior(folder: Path, dim: int = CLIP_DIM) -> Path:
+    """A tiny KandinskyPriorPipeline (random weights) in the diffusers folder format."""
+    from diffusers import KandinskyPriorPipeline, PriorTransformer, UnCLIPScheduler
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from pipeline.models.diffusion import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=dim,
+                             num_embeddings=77, additional_embeddings=4)
+    with torch.no_grad():  # the embedding statistics the prior de-normalises with (zeros at init)
+        prior.clip_mean.normal_()
+        prior.clip_std.fill_(1.0)
+    small = dict(hidden_size=dim, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=dim)
+    KandinskyPriorPipeline(
+        prior=prior,
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=16, **small)),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77,
+                                                                bos_token_id=tok.bos_token_id,
+                                                                eos_token_id=tok.eos_token_id, **small)),
+        tokenizer=tok,
+        scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
+                                  clip_sample_range=10.0),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_text_path_mixes_the_priors_embedding_with_the_style(adapter_dir, sample_raw, tmp_path):
+    from training.generate import GenerateConfig, Generator, Request, generate
+    from training.methods.base import Identity
+    from training.methods.hybrid_guidance import text_embedding
+    from training.references import ReferenceKit
+
+    prior = _tiny_prior(tmp_path / "prior")
+    gen = Generator.load(str(adapter_dir), device="cpu", dtype="fp32")
+    a = str(sample_raw / "sample" / "obama" / "obama.jpg")
+    cfg = GenerateConfig(steps=2, guidance=3.0, device="cpu")
+    kit = ReferenceKit(Params(), device="cpu")
+    try:
+        def run(name, **options):
+            return generate(Request(["a person"], [Identity([a])], options={k: str(v) for k, v in options.items()},
+                                    name=name), cfg, generator=gen, kit=kit, out=tmp_path)[0]
+
+        plain = run("plain")
+        half = run("half", text_guidance=0.5, style_text="a cartoon", text_prior=prior)
+        zero = run("zero", text_guidance=0.0, style_text="a cartoon", text_prior=prior)
+        e_t, info = text_embedding(kit, str(prior), "a cartoon", CLIP_DIM)
+        with pytest.raises(ValueError, match="gives 16-d image embeddings, the conditioner takes clip_dim 8"):
+            text_embedding(kit, str(prior), "a cartoon", 8)
+    finally:
+        kit.close()
+    e_i = np.load(tmp_path / "plain.id0.clip.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "half.id0.clip.npy"), 0.5 * e_t + 0.5 * e_i, atol=1e-6)
+    assert np.array_equal(np.load(tmp_path / "zero.id0.clip.npy"), e_i)
+    assert zero["image"]["sha256"] == plain["image"]["sha256"] != half["image"]["sha256"]
+    text = half["conditioning"][0]["text"]
+    assert text["alpha"] == 0.5 and text["text"] == "a cartoon" and text["prior"]["fingerprint"] == info["fingerprint"]
+    assert abs(np.linalg.norm(e_t) - 1) < 1e-5  # normalised like the clip_image embeddings

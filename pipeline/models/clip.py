@@ -128,6 +128,15 @@ def folder_fingerprint(folder: str | Path) -> str:
     return text_fingerprint(*parts)
 
 
+def tree_fingerprint(folder: str | Path) -> str:
+    """Fingerprint of every file under a folder (relative names + contents), e.g. a diffusers pipeline."""
+    p = Path(folder)
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"{p}: no files")
+    return text_fingerprint(*((f.relative_to(p).as_posix(), file_fingerprint(f)) for f in files))
+
+
 def tiny_model(seed: int = 0):
     """The tiny random `CLIPVisionModelWithProjection` (TINY_CONFIG, weights seeded by `seed`)."""
     import torch

@@ -312,7 +312,7 @@ def text_embedding(kit: ReferenceKit, folder: str, text: str, dim: int, seed: in
 
     from diffusers import KandinskyPriorPipeline
 
-    from pipeline.models.clip import folder_fingerprint
+    from pipeline.models.clip import tree_fingerprint
 
     p = Path(folder).expanduser()
     if not (p / "model_index.json").is_file():
@@ -324,9 +324,11 @@ def text_embedding(kit: ReferenceKit, folder: str, text: str, dim: int, seed: in
     if e.shape[-1] != dim:
         raise ValueError(f"hybrid_guidance: the text prior gives {e.shape[-1]}-d image embeddings, the conditioner takes "
                          f"clip_dim {dim} (the prior must match the clip_image models)")
+    if not bool(torch.isfinite(e).all()) or float(e.norm()) == 0.0:
+        raise ValueError(f"hybrid_guidance: the text prior {p} gives a zero or non-finite embedding")
     if kit.params.clip_image.normalize:
-        e = e / e.norm().clamp_min(1e-12)
-    return e.cpu().numpy().astype(np.float32), {"folder": str(p), "fingerprint": folder_fingerprint(p / "prior"),
+        e = e / e.norm()
+    return e.cpu().numpy().astype(np.float32), {"folder": str(p), "fingerprint": tree_fingerprint(p),
                                                 "seed": seed}
 
 
