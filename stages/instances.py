@@ -1,7 +1,7 @@
 """instances: person instance masks of each face's in-the-wild crop (`inst.png`, face index per pixel).
 
 For every `ok` face, in the frame of its in-the-wild crop (the shard's `jpg`): the masks stage's
-person probability of that crop (`person.png`, selfie segmentation; needs `masks.person_mask: true`)
+person probability of that crop (`person.png`, selfie segmentation, `masks.person_mask`)
 split among ALL the faces of its photo whose boxes fall in the crop, by
 `pipeline.models.instances.split_persons` (box seeds, then each person blob split by a body
 distance; see there). The seeds are the photo's detected faces with landmarks (align statuses ok,
@@ -12,7 +12,8 @@ mostly false faces and are left out), their boxes mapped into the crop.
 `face_index` of the photo (the `face_index` in the sample's json; align orders faces left to right);
 the sample's own person is label `json.face_index + 1`. Single-face photos get a map with one label.
 The sibling faces' boxes are part of each face's cache key (a new face found in the photo recomputes
-its siblings). A face without a person probability gets the verdict `no_person_mask`.
+its siblings). Without a person probability (`masks.person_mask: false`) the map holds the face
+seeds only (`inst_source: boxes`, else `person_mask`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pipeline.plugins import Member, Stage
 from pipeline.stage import Context, StageSpec, face_metrics, join_inputs, prepare, run_item_stage, write_metrics
 from pipeline.store import BlobStore, ItemStore, hash_key, read_table
 
-COLUMNS = {"inst_blob": pa.string(), "inst_faces": pa.int64(), "inst_fraction": pa.float64()}
+COLUMNS = {"inst_blob": pa.string(), "inst_faces": pa.int64(), "inst_fraction": pa.float64(), "inst_source": pa.string()}
 SEED_STATUSES = ("ok", "too_small", "cut_by_border")  # align statuses of faces with landmarks
 
 
@@ -49,19 +50,20 @@ class _InstancesWorker:
     def __init__(self, cfg: InstancesConfig, root: str, stage_dir: str):
         self.cfg = cfg
         self.masks = ItemStore(root, "masks").blobs
+        self.align = ItemStore(root, "align").blobs
         self.blobs = BlobStore(stage_dir)
 
     def __call__(self, batch: list[dict]) -> list[list[dict]]:
         out = []
         for it in batch:
             k = it["key"]
-            if not isinstance(it.get("masks.person_blob"), str) or not it["masks.person_blob"]:
-                out.append([{"key": k, "status": "no_person_mask", "inst_blob": None, "inst_faces": None,
-                             "inst_fraction": None,
-                             "error": "the masks stage wrote no person mask (masks.person_mask is off)"}])
-                continue
-            prob = decode_image(self.masks.get(it["masks.person_blob"])).astype(np.float32) / 255.0
             faces = json.loads(it["siblings"])
+            if isinstance(it.get("masks.person_blob"), str) and it["masks.person_blob"]:
+                prob = decode_image(self.masks.get(it["masks.person_blob"])).astype(np.float32) / 255.0
+                source = "person_mask"
+            else:  # masks.person_mask is off: the face seeds alone
+                prob = np.zeros(decode_image(self.align.get(it["wild_blob"])).shape[:2], np.float32)
+                source = "boxes"
             idx = np.array([f[0] for f in faces], dtype=np.int64)
             boxes = transform_boxes(np.asarray(json.loads(it["wild_matrix"])), np.array([f[1] for f in faces]))
             labels = split_persons(prob, boxes, self.cfg.threshold, self.cfg.body_stretch)
@@ -69,14 +71,15 @@ class _InstancesWorker:
             own = int(it["face_index"]) + 1
             out.append([{"key": k, "status": "ok", "error": "",
                          "inst_blob": self.blobs.put(it["cache_key"], f"{k}.inst.png", encode_png(inst)),
-                         "inst_faces": int(len(faces)), "inst_fraction": round(float((inst == own).mean()), 4)}])
+                         "inst_faces": int(len(faces)), "inst_fraction": round(float((inst == own).mean()), 4),
+                         "inst_source": source}])
         return out
 
 
 def run(ctx: Context) -> dict:
     cfg = ctx.params.instances
     store = prepare(ctx, "instances")
-    inputs = join_inputs(ctx, "align", also=("masks",), columns=("image_id", "face_index", "wild_matrix",
+    inputs = join_inputs(ctx, "align", also=("masks",), columns=("image_id", "face_index", "wild_matrix", "wild_blob",
                                                                   "masks.person_blob"))
     faces = photo_faces(read_table(ctx.root, "align").to_dict("records"))
     for it in inputs:

@@ -176,6 +176,7 @@ def test_clip_image_and_instances_stages_shards_and_incremental(tmp_path, sample
         own = meta["face_index"] + 1
         assert inst[int(round((box[1] + box[3]) / 2)), int(round((box[0] + box[2]) / 2))] == own, key
         assert meta["group_faces"] == (1 if meta["source"] == "sample" else meta["group_faces"]) >= 1
+        assert (inst == own).mean() > 0.05, "a person, not just a face box"
     assert len({json.loads(m["json"])["group_faces"] for m in members.values()}) == 2  # 1 and the players' count
 
     # incremental: a rerun computes nothing; the style fill recomputes the embeddings only
@@ -191,3 +192,9 @@ def test_clip_image_and_instances_stages_shards_and_incremental(tmp_path, sample
     ctx = Context.make(make_params(raw), tmp_path / "data", tmp_path / "metrics")
     st = plugins.stage("instances").run(ctx)
     assert st["inputs"] == n - 1 and st["computed"] == n - 2  # every players face but the dropped one, not obama
+    # without person masks the maps hold the face seeds only, still one label per face at its centre
+    ctx = Context.make(make_params(raw, masks={"person_mask": False}), tmp_path / "data", tmp_path / "metrics")
+    plugins.stage("masks").run(ctx)
+    plugins.stage("instances").run(ctx)
+    t = pd.read_parquet(tmp_path / "data" / "instances" / "table.parquet")
+    assert set(t["status"]) == {"ok"} and set(t["inst_source"]) == {"boxes"}

@@ -224,6 +224,9 @@ class HybridGuidance(Method):
         return {"outside": cfg.outside}
 
     def inputs(self, samples: Sequence[dict], weights: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
+        if any(CLIP_MEMBER not in s for s in samples):
+            raise KeyError(f"hybrid_guidance needs the {CLIP_MEMBER} member (the clip_image stage) in every sample "
+                           "(train.synthetic samples have none: train on shards)")
         return {CLIP_KEY: mix([np.asarray(s[CLIP_MEMBER], dtype=np.float32) for s in samples], weights),
                 FACE_KEY: mix([np.asarray(s[FACE_MEMBER], dtype=np.float32) for s in samples], weights)}
 
