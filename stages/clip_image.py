@@ -59,6 +59,6 @@ def run(ctx: Context) -> dict:
 
 
 STAGE = Stage(
-    name="clip_image", run=run, after=("align", "masks"), section="clip_image", shard="required", model="clip",
+    name="clip_image", run=run, after=("align", "masks"), section="clip_image", shard="optional", model="clip",
     members=(Member("clip.npy", "clip_blob", kind="npy", dtype="float32"),),
 )

@@ -94,6 +94,6 @@ def run(ctx: Context) -> dict:
 
 
 STAGE = Stage(
-    name="instances", run=run, after=("align", "masks"), section="instances", shard="required",
+    name="instances", run=run, after=("align", "masks"), section="instances", shard="optional",
     members=(Member("inst.png", "inst_blob"),), meta=(("group_faces", "inst_faces"),),
 )
