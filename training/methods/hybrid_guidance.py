@@ -211,7 +211,6 @@ class HybridGuidance(Method):
     phases = {"main": Main()}
     needs = (CLIP_MEMBER, FACE_MEMBER)
     input_keys = (CLIP_KEY, FACE_KEY)
-    stage_aliases = {"1": "main"}
     options = {"text_guidance": "alpha of the text path (needs a text prior)", "style_text": "the text the prior maps",
                "text_prior": "a KandinskyPriorPipeline folder (default: train.methods.hybrid_guidance.text_prior)"}
 
