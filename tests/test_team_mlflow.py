@@ -115,7 +115,7 @@ def flow(team, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("team")
     params = tmp / "params.yaml"
-    p = make_params(tmp, mlflow=True, train_stage1={"max_steps": 2, "checkpoint_every": 2})
+    p = make_params(tmp, mlflow=True, stage1={"max_steps": 2, "checkpoint_every": 2})
     p["registry"] = {"model_name": NAME, "out": str(tmp / "register.json")}
     params.write_text(yaml.safe_dump(p))
     rec: dict = {"tmp": tmp, "params": str(params), "outputs": []}
@@ -268,7 +268,7 @@ def _bucket_keys(team) -> list[str]:
 
 
 def test_read_only_user_lists_and_downloads_but_cannot_change(team, flow, tmp_path):
-    from training.generate import sha256_file
+    from pipeline.digests import sha256_file
     from training.registry import Registry, RegistryAccessError, RegistryConfig
 
     from tests.test_registry import evaluation
@@ -280,7 +280,7 @@ def test_read_only_user_lists_and_downloads_but_cannot_change(team, flow, tmp_pa
 
         # generation from the champion: the adapter comes down through the server (no S3 keys here)
         np.save(tmp_path / "w.npy", np.random.default_rng(0).standard_normal((18, 512)).astype(np.float32))
-        rc, out, err = cli("generate", "--adapter", f"models:/{NAME}@champion", "--wplus", str(tmp_path / "w.npy"),
+        rc, out, err = cli("generate", "--adapter", f"models:/{NAME}@champion", "--input", f"wplus={tmp_path / 'w.npy'}",
                            "--prompt", "a face", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen"),
                            "--params", params)
         assert rc == 0, err
