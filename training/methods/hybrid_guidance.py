@@ -40,7 +40,14 @@ unnormalised after mixing (the paper mixes embeddings linearly); training prompt
 caption, else empty (`prompt: caption`; the paper trains without text); generic condition dropout
 image 0 / text 0.05 / both 0 (the style/face dropouts above replace the identity dropout); the
 reconstruction target is the whole in-the-wild crop resized (no augmentation: the inputs describe
-exactly that crop); outside-region policy `all`.
+exactly that crop); outside-region policy `all`; a region position belongs to the identity whose
+mask covers most of its cell at that UNet level, if >= half of it. Data (params `clip_image`,
+`instances`): the style image greys the face (`mask.png`) to 127; each CLIP model's embedding is
+L2-normalised before the concatenation; `clip_dim` 1792 = ViT-L/14 768 + RN101 512 + ViT-B/32 512
+(transformers' CLIP is ViT-only: any ViT CLIP folders; the demo's tiny random model gives 16);
+person instance masks (`inst.png`, in the in-the-wild crop's frame, `face_index + 1` per pixel) split
+the selfie person mask among the photo's faces by box seeds + a body distance
+(`pipeline.models.instances`); the text prior's embedding is L2-normalised like the style's.
 """
 from __future__ import annotations
 
