@@ -16,7 +16,6 @@ from pipeline.cli import main
 from pipeline.config import Params
 from pipeline.models.diffusion import build_random
 from pipeline.shards import synthetic_samples, write_tar
-from training import methods
 from training.adapter import read_adapter_file
 from training.adapters import DecoupledAttention
 from training.adapters.attention import merge_heads, multihead
