@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, table, write_result
 
-BENCHMARKS = ("dedup_scale", "stage_throughput", "scaling", "incremental", "loader", "gpu_memory")
+BENCHMARKS = ("dedup_scale", "stage_throughput", "scaling", "incremental", "loader", "gpu_memory", "gpu_memory_hybrid")
 NOISE = ("W0000 ", "I0000 ", "WARNING: All log messages before absl", "INFO: Created TensorFlow",
          "authentication_token_setup")
 LOGS = Path(__file__).resolve().parent / "_work" / "logs"

@@ -206,7 +206,7 @@ def _validate(tp: TrainParams) -> TrainParams:
             validate_phase(f"train.methods.{name}.{phase}", pc)
         check = getattr(cfg, "validate", None)
         if check is not None:
-            check()
+            check(f"train.methods.{name}")
     return tp
 
 

@@ -1,7 +1,8 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate [--method M] [--ref PHOTO ... [--weights | --ref-weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
-                     [--option KEY=VALUE ...] [the method's own flags] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
+    persona generate [--method M] [--ref PHOTO ... [--weights W ... | --mix W,W,...]] [--region MASK ...]
+                     [--input NAME=PATH ...] [--option KEY=VALUE ...] [the method's own flags] --prompt TEXT [--prompt ...]
+                     [--adapter DIR | models:/NAME@ALIAS] [--content PHOTO [--strength S] [--assign I,J,...]]
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
@@ -45,18 +46,35 @@ def _pairs(items, flag: str) -> dict[str, str]:
     return out
 
 
+def _numbers(text: str, flag: str, kind=float) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"persona generate: {flag} {text!r}: expected comma-separated numbers") from None
+
+
 def _identities(args) -> list:
-    """--ref photos [+ --weights] = one identity; with --region masks: identity i = (ref i, region i)."""
+    """--ref photos [+ --weights / --mix] = one identity; with --region masks: identity i = (ref i,
+    region i); with --content and several refs (no weights): identity i = ref i, its region the
+    content photo's person i (`generate.content_identities`)."""
     from training.methods.base import Identity
 
     refs, regions = list(args.ref or []), list(args.region or [])
-    if args.weights and len(args.weights) != len(refs):
-        raise SystemExit(f"persona generate: {len(args.weights)} --weights for {len(refs)} --ref photos")
+    if args.mix and args.weights:
+        raise SystemExit("persona generate: give --weights or --mix, not both")
+    weights = _numbers(args.mix, "--mix") if args.mix else (list(args.weights) if args.weights else None)
+    if weights and len(weights) != len(refs):
+        raise SystemExit(f"persona generate: {len(weights)} mixing weights for {len(refs)} --ref photos")
+    if args.assign and not (args.content and len(refs) > 1 and not weights):
+        raise SystemExit("persona generate: --assign goes with --content and several --ref (one identity each)")
     if regions:
-        if len(regions) != len(refs) or args.weights:
+        if len(regions) != len(refs) or weights:
             raise SystemExit("persona generate: with --region, give one --ref per region (identity i = ref i in region i)")
         return [Identity([r], None, m) for r, m in zip(refs, regions)]
-    return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
+    if args.content and len(refs) > 1 and not weights:
+        return [Identity([r]) for r in refs]
+    return [Identity(refs, weights)] if refs else []
+
 
 
 class _GenerateParser(argparse.ArgumentParser):
@@ -155,6 +173,8 @@ def _cmd_generate(args) -> int:
         raise SystemExit(f"persona generate: --method {args.method}, but {cfg.adapter} is a '{method.name}' adapter")
     cfg = g.with_method_defaults(cfg, method.name)  # the method's sampling defaults, then the flags
     _apply_flags(cfg, args, _SAMPLING_FLAGS)
+    if args.strength is not None:
+        cfg.strength = args.strength
     g.check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images)
     files, options = _pairs(args.input, "--input"), _pairs(args.option, "--option")
     own_files, own_options = _method_flags(method, getattr(args, "method_args", None) or [])
@@ -162,7 +182,8 @@ def _cmd_generate(args) -> int:
     if both:
         raise SystemExit(f"persona generate: {both} given both by a method flag and by --input/--option")
     req = g.Request(prompts=args.prompt, identities=_identities(args), inputs={**files, **own_files},
-                    options={**options, **own_options}, name=args.name)
+                    options={**options, **own_options}, name=args.name, content=args.content,
+                    assign=_numbers(args.assign, "--assign", int) if args.assign else None)
     gen = g.Generator.load(res, base=g.to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype)
     recs = g.generate(req, cfg, params=params, generator=gen, out=args.out)
     out = args.out or cfg.out
@@ -300,6 +321,15 @@ def register(sub) -> None:
     s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
     s.add_argument("--weights", "--ref-weights", dest="weights", type=float, nargs="+",
                    help="mixing weight per --ref, a convex combination (default: equal)")
+    s.add_argument("--mix", metavar="W,W,...", help="mix the --ref identities by these weights (comma-separated; "
+                   "same as --weights)")
+    s.add_argument("--content", metavar="PHOTO",
+                   help="image-to-image from this photo (at --strength); with several --ref, identity i is person i "
+                   "of the photo (its instance mask is identity i's region; left to right, or --assign)")
+    s.add_argument("--strength", type=float, help="with --content: how much of it is re-generated, 0..1 "
+                   "(default params generate.strength)")
+    s.add_argument("--assign", metavar="I,J,...", help="with --content and several --ref: ref k goes to person "
+                   "assign[k] of the content photo (0 = leftmost)")
     s.add_argument("--region", action="append",
                    help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
     s.add_argument("--input", action="append", metavar="NAME=PATH",
@@ -326,6 +356,8 @@ def register(sub) -> None:
     s.add_argument("--from-json", dest="from_json", help="re-run a generation record")
     s.add_argument("--check", action="store_true", help="with --from-json: exit 1 unless the pixels are identical")
     _mlflow_args(s)
+    s.epilog = ("A method's own options (its `options`) are also flags: --NAME VALUE is --option NAME=VALUE "
+                "(e.g. --text-guidance 0.5).")
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",

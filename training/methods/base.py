@@ -290,8 +290,10 @@ class Method:
     def prepare(self, identity: Identity, files: Mapping[str, str], options: Mapping[str, str], kit: Any) -> Prepared:
         """Generation: one requested identity -> conditioner inputs. `files` / `options`: the
         request's method-specific named input files and options (`persona generate --input NAME=PATH
-        --option KEY=VALUE`); `kit` (`training.references.ReferenceKit`) turns reference photos into
-        shard-like samples holding the members in `needs`. Default: `inputs(kit.samples(refs))`."""
+        --option KEY=VALUE`, or `--KEY VALUE` for the names in `options`); `kit`
+        (`training.references.ReferenceKit`) turns reference photos into shard-like samples holding
+        the members in `needs`; `kit.content` is the request's content photo (image-to-image), or
+        None. Default: `inputs(kit.samples(refs))`."""
         if files or options:
             raise ValueError(f"method '{self.name}' takes no --input / --option (got {sorted(files)} {sorted(options)})")
         if not identity.references:
