@@ -305,7 +305,11 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
-        check(path or cls.__name__)
+        import inspect
+
+        # validate(self, path) (sections), or validate(self) (method configs, checked again by their owner)
+        takes_path = bool(inspect.signature(check).parameters)
+        check(path or cls.__name__) if takes_path else check()
     return obj
 
 
