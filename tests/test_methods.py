@@ -244,8 +244,10 @@ def test_a_method_defined_outside_the_package_trains_saves_loads_generates_evalu
     # identity-grouped batches: 2 identities x 2 faces, labelled by global group index
     assert [b["group"] for b in seen.batches] == [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]
     assert all(set(m) == {"loss", "loss_rec", "loss_group"} for m in seen.metrics)
-    rows = (tmp_path / "plots" / "train_toy_main.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,rec,group" and len(rows) == 4
+    plots = tmp_path / "plots" / "train_toy_main"  # one DVC plot per logged series, every term of the method
+    assert {f.name for f in plots.glob("*.csv")} >= {"loss.csv", "loss_rec.csv", "loss_group.csv", "lr.csv"}
+    rows = (plots / "loss_group.csv").read_text().splitlines()
+    assert rows[0] == "step,loss_group" and len(rows) == 4
 
     # the file alone rebuilds the method
     path = Path(res["adapter"])
