@@ -142,6 +142,8 @@ def log_adapter_model(client, folder: str | os.PathLike, *, run_id: str, model_i
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
+    from pipeline.digests import sha256_file
+
     mid = model_id or create_model(client, run_id, name, tags)
     src = Path(folder)
     try:
@@ -162,6 +164,7 @@ def log_adapter_model(client, folder: str | os.PathLike, *, run_id: str, model_i
                 shutil.rmtree(cache, ignore_errors=True)
             client.log_model_artifacts(mid, str(local))
         client.log_outputs(run_id, [LoggedModelOutput(mid, step=int(step))])
+        client.set_logged_model_tags(mid, {"adapter_sha256": sha256_file(src / ADAPTER_FILES[0])})
     except BaseException:
         client.finalize_logged_model(mid, LoggedModelStatus.FAILED)
         raise

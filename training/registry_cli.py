@@ -6,7 +6,7 @@
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
     persona evaluate [--adapter ... | --method M] [--shards DIR] [--no-mlflow]     params `evaluate:`
-    persona registry register --adapter DIR [--metrics metrics/evaluate_M.json]   -> persona-<method>
+    persona registry register --adapter DIR [--metrics eval/M/report.json]         -> persona-<method>
     persona registry promote [--method M | --name N] [--version V] [--force] | rollback | list | show [REF]
     persona mlflow-server [--port 5000] [--backend sqlite:///mlflow-server.db] [--artifacts DIR]
 
@@ -96,12 +96,13 @@ def _cmd_evaluate(args) -> int:
     params = _params(args.params)
     cfg = ev.evaluate_config(params, {"adapter": args.adapter, "shards": args.shards, "split": args.split,
                                       "max_identities": args.max_identities, "steps": args.steps,
-                                      "metrics_out": args.metrics_out, "device": args.device})
+                                      "metrics_out": args.metrics_out, "report_out": args.report_out,
+                                      "device": args.device})
     if not cfg.adapter:
         cfg.adapter = ev.adapter_for(cfg, args.method)
     res = ev.evaluate(cfg, params, log_mlflow=False if args.no_mlflow else None)
     print(ev.summary(res))
-    print(f"[evaluate] {res['method']}: wrote {res['metrics_file']}, {res['grid']}"
+    print(f"[evaluate] {res['method']}: wrote {res['metrics_file']}, {res['report_file']}, {res['grid']}"
           + (f"; MLflow run {res['mlflow']['run_id']}" if res.get("mlflow") else ""))
     return 0
 
@@ -241,7 +242,8 @@ def register(sub) -> None:
     s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",
                        description="Generate for the val identities x prompts, score identity similarity, "
                        "detection rate, CLIP-T / LPIPS / FID where configured, and the real-photo control; write "
-                       "metrics/evaluate.json + a grid, log to MLflow.", formatter_class=fmt)
+                       "the DVC metrics (numbers only), the full report (eval/<method>/report.json) and a grid; "
+                       "log to MLflow (the metrics on the adapter's MLflow model).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder or models:/ uri (default: params evaluate.adapter(s))")
     s.add_argument("--method", help="evaluate params evaluate.adapters[METHOD]")
     s.add_argument("--shards", help="shards folder (default params evaluate.shards)")
@@ -261,7 +263,8 @@ def register(sub) -> None:
     rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION", help="what to do in the registry")
     s = rs.add_parser("register", help="register an adapter folder (+ eval results) as @candidate")
     s.add_argument("--adapter", required=True, help="adapter folder (adapter.safetensors + adapter.json)")
-    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics, {method} filled in)")
+    s.add_argument("--metrics", "--evaluation", dest="metrics",
+                   help="the evaluation report of `persona evaluate` (default: params registry.metrics, {method} filled in)")
     s.add_argument("--no-metrics", action="store_true", help="register without evaluation results")
     s.add_argument("--allow-mismatch", action="store_true", help="accept results made for another adapter file")
     s.add_argument("--new-version", action="store_true", help="always create a new version")
