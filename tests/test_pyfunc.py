@@ -35,8 +35,6 @@ print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype), "same_seed_
 
 @pytest.mark.slow
 def test_a_registered_version_loads_with_mlflow_pyfunc_in_a_fresh_process(tmp_path, sample_raw, monkeypatch):
-    import mlflow
-
     from training.registry import Registry, RegistryConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -47,8 +45,7 @@ def test_a_registered_version_loads_with_mlflow_pyfunc_in_a_fresh_process(tmp_pa
     assert out["source"] == f"models:/{out['model_id']}"
 
     # what the model holds: signature, an input example, explicit pinned requirements, the adapter
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{out['version']}", dst_path=str(tmp_path / "m"),
-                                                     tracking_uri=uri))
+    local = reg.download(NAME, out["version"], tmp_path / "m")
     mlmodel = (local / "MLmodel").read_text()
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel and "python_function" in mlmodel
     reqs = (local / "requirements.txt").read_text().split()
