@@ -283,9 +283,10 @@ def test_a_method_defined_outside_the_package_trains_saves_loads_generates_evalu
 
     cfg = evaluate_config({"shards": str(shards), "prompts": ["a face"], "steps": 1, "device": "cpu", "references": 2,
                            "images_out": str(tmp_path / "eval" / "{method}"), "metrics_out": str(tmp_path / "ev_{method}.json"),
+                           "report_out": str(tmp_path / "report_{method}.json"),
                            "grid_out": str(tmp_path / "grid.png"), "control": {"enabled": False}})
     ev = evaluate(cfg, generator=gen, scorer=NoFaces(), log_mlflow=False)
-    assert ev["method"] == "toy" and (tmp_path / "ev_toy.json").is_file() and len(ev["samples"]) == 2
+    assert ev["method"] == "toy" and (tmp_path / "report_toy.json").is_file() and len(ev["samples"]) == 2
     assert all(str(tmp_path / "eval" / "toy") in s["file"] for s in ev["samples"])
     reg = Registry(RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
                                   artifact_location=str(tmp_path / "mlartifacts")))
