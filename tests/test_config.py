@@ -54,7 +54,7 @@ def test_sections_are_registered_by_their_owners_not_listed_by_pipeline():
     from pipeline.config import Params
 
     typed, raw = set(plugins.typed_sections()), set(plugins.raw_section_names())
-    assert {"ingest", "align", "shards"} <= typed and {"train", "train_stage1", "evaluate", "registry"} <= raw
+    assert {"ingest", "align", "shards"} <= typed and {"train", "evaluate", "registry", "generate"} <= raw
     assert set(Params().sections) == typed
     with pytest.raises(AttributeError, match="no section 'nope'"):
         Params().nope

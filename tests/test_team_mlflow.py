@@ -273,7 +273,7 @@ def _bucket_keys(team) -> list[str]:
 
 
 def test_read_only_user_lists_and_downloads_but_cannot_change(team, flow, tmp_path):
-    from training.generate import sha256_file
+    from pipeline.digests import sha256_file
     from training.registry import Registry, RegistryAccessError, RegistryConfig
 
     from tests.test_registry import evaluation
