@@ -189,6 +189,8 @@ def test_float_params_written_like_1e_4_and_did_you_mean():
         train_params({}, {"wplus.stage1.max_steps": "1e3"})
     with pytest.raises(ConfigError, match=r"unknown key 'train.methods.wplus.stage1.lrr' \(did you mean 'lr'\?\)"):
         train_params({"train": {"methods": {"wplus": {"stage1": {"lrr": 1}}}}})
+    with pytest.raises(ConfigError, match=r"override 'wplsu.stage1.lr' \(did you mean 'wplus'\?\)"):
+        train_params({}, {"wplsu.stage1.lr": 1e-4})
     with pytest.raises(ConfigError, match=r"unknown key 'allign' \(did you mean 'align'\?\)"):
         params_from_dict({"allign": {}})
     with pytest.raises(ConfigError) as e:  # nothing close: no guess
