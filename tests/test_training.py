@@ -491,6 +491,19 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     assert [r.split(",")[0] for r in want_rows.splitlines()[1:]] == [str(s) for s in range(3, steps, 4)]
 
 
+def test_rerun_of_a_finished_phase_keeps_its_logged_history(tmp_path):
+    """DVC reruns a finished phase when an unrelated param of its method changes: it resumes at
+    max_steps, trains nothing, and its CSV, plots and metrics still hold every logged step."""
+    p = make_params(tmp_path, stage1={"max_steps": 3, "checkpoint_every": 3})
+    first = train(p, "wplus", "stage1")
+    plots = tmp_path / "plots" / "train_wplus_stage1"
+    before = {f.name: f.read_text() for f in plots.glob("loss*.csv")}
+    again = train(p, "wplus", "stage1")
+    assert again["metrics"]["resumed_from_step"] == 3 and again["global_step"] == 3
+    assert {f.name: f.read_text() for f in plots.glob("loss*.csv")} == before and before["loss.csv"].count("\n") == 4
+    assert again["metrics"]["loss"] == first["metrics"]["loss"] and again["metrics"]["loss_first"] == first["metrics"]["loss_first"]
+
+
 def split_shards(root: Path, n_shards: int, per_shard: int, size: int = 64) -> dict[str, str]:
     """Write n_shards train shards (+ one val shard) of synthetic samples; returns key -> train shard file."""
     samples = synthetic_samples(n_shards * per_shard + 2, identities=4, seed=5, size=size, encoded=True)

@@ -171,7 +171,14 @@ class CSVResume(Callback):
     def load_state_dict(self, state: dict) -> None:
         self._restore = list(state.get("rows") or [])
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # (also when the run resumes at max_steps and trains no step: its CSV is the checkpoint's rows)
+        self._put_back(trainer)
+
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._put_back(trainer)  # strategies that restore callbacks only after on_fit_start
+
+    def _put_back(self, trainer: L.Trainer) -> None:
         if self._restore is None or not trainer.is_global_zero:
             return
         writer = self.logger.experiment  # (re)opens the CSV: Lightning deletes the old file here

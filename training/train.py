@@ -462,9 +462,10 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         except Exception as e:  # noqa: BLE001 - a resumed run with a changed non-trajectory param
             log.warning("MLflow params not (re)logged: %s", e)
         tracking.log_dataset(logger, cfg.shards, shards, data, dm.examples.keys, synthetic=bool(cfg.synthetic))
-        (ckdir / RUN_FILE).write_text(json.dumps({"signature": signature, "run_id": logger.run_id,
-                                                  "tracking_uri": cfg.mlflow.tracking_uri, "method": method.name,
-                                                  "phase": phase.name}, indent=2) + "\n")
+    if not fast_dev_run and trainer.is_global_zero:  # what a later run resumes (with or without MLflow)
+        (ckdir / RUN_FILE).write_text(json.dumps({"signature": signature, "run_id": logger.run_id if logger else None,
+                                                  "tracking_uri": cfg.mlflow.tracking_uri if logger else None,
+                                                  "method": method.name, "phase": phase.name}, indent=2) + "\n")
 
     log.info("%s: %s, %s, %d train samples, resume=%s", tag, device, precision, data["train_samples"], ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
