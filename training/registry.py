@@ -479,8 +479,11 @@ class Registry:
         alias: str = CANDIDATE,
         allow_mismatch: bool = False,
         new_version: bool = False,
+        kit: Optional[Mapping[str, Any]] = None,
     ) -> dict:
-        """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it."""
+        """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it. `kit`: the
+        data stages' params sections a model logged now carries (`training.pyfunc.kit_params`; default
+        the defaults)."""
         folder = Path(adapter_dir)
         meta_path = folder / "adapter.json"
         for f in ADAPTER_FILES:
@@ -547,7 +550,7 @@ class Registry:
             if model_id is None:  # log the adapter as a model of this run now
                 from training import pyfunc
 
-                model_id = pyfunc.log_adapter_model(self.client, folder, run_id=run_id,
+                model_id = pyfunc.log_adapter_model(self.client, folder, run_id=run_id, kit=kit,
                                                     step=int(meta.get("global_step") or 0),
                                                     tags={"method": str(meta.get("method")), "phase": str(meta.get("phase")),
                                                           "adapter_sha256": sha, "persona.kind": "register"})

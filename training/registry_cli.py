@@ -122,8 +122,11 @@ def _cmd_register(args) -> int:
     meta = Path(args.adapter) / "adapter.json"
     method = str(json.loads(meta.read_text()).get("method")) if meta.is_file() else "unknown"
     metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics).replace("{method}", method)
+    from training.pyfunc import kit_params
+
     out = reg.register(args.adapter, evaluation=metrics, name=args.name, alias=args.alias,
-                       allow_mismatch=args.allow_mismatch, new_version=args.new_version)
+                       allow_mismatch=args.allow_mismatch, new_version=args.new_version,
+                       kit=kit_params(_params(args.params)))
     dst = Path((args.out or reg.cfg.out).replace("{method}", method))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
