@@ -349,7 +349,7 @@ def test_dvc_deps_cover_each_data_stage_import_closure():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for st in plugins.data_stages():
         entry = stages[st.name]
-        assert entry["cmd"] == f"persona stage {st.name}"
+        assert entry["cmd"] == f"${{persona}} stage {st.name}"  # the project's interpreter (vars.persona)
         deps = [d for d in entry["deps"] if not d.startswith("${")]
         for f in import_closure(st.run.__module__):
             rel = f.relative_to(REPO).as_posix()
