@@ -30,6 +30,8 @@ Metrics (every entry is {"value": number | null, "n": count, ...}; one that cann
                                 faces and the generated images (needs `fid_inception`: torchvision
                                 inception_v3 ImageNet state_dict; not comparable with published FIDs,
                                 which use the TF Inception, and unreliable for small n)
+  <method's own>                what `Method.extra_metrics(images, samples, references)` adds (e.g.
+                                the Identity Encoder's generation_diversity)
   control_same_identity         the CONTROL: ArcFace cosine between two real photos of the same
   control_different_identity    person / of different people, over the shards' labeled faces of
                                 all splits: what "same person" looks like to this ArcFace
@@ -829,6 +831,11 @@ def evaluate(
     metrics["clip_t"] = clip_t(images, [cfg.prompts[pi] for _, pi, _ in jobs], cfg.clip_model, cfg.device)
     metrics["lpips"] = lpips_metric(refs_per_image, images, cfg.lpips_backbone, cfg.lpips_net, cfg.device)
     metrics["fid"] = fid_metric([f.face for f in faces], images, cfg.fid_inception, cfg.device)
+    extra = method.extra_metrics(images, samples, refs_per_image)
+    clash = sorted(set(extra) & (set(metrics) | {"control_same_identity", "control_different_identity"}))
+    if clash:
+        raise ValueError(f"method '{method.name}': extra_metrics() redefines the evaluation's own metric(s) {clash}")
+    metrics.update(extra)
     if control is not None:
         metrics["control_same_identity"] = control["same_identity"]
         metrics["control_different_identity"] = control["different_identity"]

@@ -1,6 +1,6 @@
 """`persona generate | evaluate | registry | mlflow-server`: inference, evaluation and promotion.
 
-    persona generate [--ref PHOTO ... [--weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
+    persona generate [--method M] [--ref PHOTO ... [--weights | --ref-weights W ...]] [--region MASK ...] [--input NAME=PATH ...]
                      [--option KEY=VALUE ...] --prompt TEXT [--prompt ...] [--adapter DIR | models:/NAME@ALIAS]
                      [--scheduler ddim|euler_a|dpm++] [--lambda L] [--delay K] [--seed S] [--num-images N]
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
@@ -55,6 +55,27 @@ def _identities(args) -> list:
     return [Identity(refs, list(args.weights) if args.weights else None)] if refs else []
 
 
+def _method_adapter(args, cfg, params) -> None:
+    """--method M: the adapter params evaluate.adapters[M] names (unless --adapter is given); a local
+    adapter folder must hold an adapter of method M."""
+    from pathlib import Path
+
+    from training import evaluate as ev
+    from training import methods
+    from training import generate as g
+
+    try:
+        methods.get(args.method)
+        if args.adapter is None:
+            cfg.adapter = ev.adapter_for(ev.evaluate_config(params), args.method)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"persona generate: {e.args[0]}") from None
+    if cfg.adapter and not str(cfg.adapter).startswith("models:/") and Path(cfg.adapter).exists():
+        _, meta = g.read_adapter_folder(cfg.adapter)
+        if meta.get("method") != args.method:
+            raise SystemExit(f"persona generate: {cfg.adapter} holds a '{meta.get('method')}' adapter, not --method {args.method}")
+
+
 def _cmd_generate(args) -> int:
     from training import generate as g
 
@@ -73,6 +94,8 @@ def _cmd_generate(args) -> int:
         v = getattr(args, attr)
         if v is not None:
             setattr(cfg, key, v)
+    if args.method:
+        _method_adapter(args, cfg, params)
     if args.base_model:
         cfg.base_model = g.BaseModelOverride(path=args.base_model)
     if args.preset:
@@ -213,8 +236,11 @@ def register(sub) -> None:
                        "+ the conditioner inputs per image, with any method's adapter through a diffusers pipeline. "
                        "`--from-json REC.json` re-runs a record (identical pixels on CPU).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder (adapter.json) or models:/NAME@ALIAS | models:/NAME/VERSION")
+    s.add_argument("--method", help="the adapter of this method that params evaluate.adapters names (without --adapter); "
+                   "with --adapter: checked against it")
     s.add_argument("--ref", action="append", help="reference photo (repeat to mix several)")
-    s.add_argument("--weights", type=float, nargs="+", help="mixing weight per --ref (default: equal)")
+    s.add_argument("--weights", "--ref-weights", dest="weights", type=float, nargs="+",
+                   help="mixing weight per --ref, a convex combination (default: equal)")
     s.add_argument("--region", action="append",
                    help="image region of identity i (mask PNG, white = the person); with regions, --ref i is identity i")
     s.add_argument("--input", action="append", metavar="NAME=PATH",

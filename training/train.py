@@ -453,6 +453,8 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     if logger is not None and trainer.is_global_zero:
         hp = {"method": method.name, "phase": phase.name, "signature": signature, "precision": precision,
               "device": device, "data.train_samples": data["train_samples"], "data.source": data["source"],
+              **{k: v for k, v in flat_params(data.get("sampler") or {}, "data.sampler.").items()
+                 if not isinstance(v, (list, tuple))},
               **flat_params({k: v for k, v in tp.as_dict().items() if k not in ("methods", "runs")}, "train."),
               **flat_params(method_options(tp, method.name), "method."), **flat_params(pcfg, "phase.")}
         if init:
@@ -500,13 +502,16 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
         "init": {"path": str(init), "sha256": sha256_file(init)} if init else None,
         "fast_dev_run": bool(fast_dev_run),
     }
+    if data.get("sampler"):
+        record["sampler"] = data["sampler"]
     st, js = export_adapter(module, out, record)
     if not fast_dev_run:
         prune_checkpoints(ckdir, pcfg.keep_last)
     history = logs.read_history(Path(csv_log.log_dir) / "metrics.csv") if csv_log is not None else \
         [{"step": max(step - 1, 0), **{k: float(v) for k, v in trainer.logged_metrics.items()}}]
     seconds = round(time.perf_counter() - t0, 3)
-    metrics: dict[str, Any] = {"global_step": step, "seconds": seconds, **logs.summarize(history)}
+    metrics: dict[str, Any] = {"global_step": step, "seconds": seconds, **logs.summarize(history),
+                               **sampler_metrics(data.get("sampler"))}
     if ckpt_path is not None:
         metrics["resumed_from_step"] = _ckpt_step(ckpt_path)
     if not fast_dev_run:
@@ -566,6 +571,12 @@ def example_reference(dm: PersonaDataModule, max_side: int = 256) -> Optional[by
                 im.thumbnail((max_side, max_side))
                 return encode_jpeg(np.asarray(im), quality=90)
     return None
+
+
+def sampler_metrics(report: Optional[Mapping[str, Any]]) -> dict[str, float]:
+    """The numeric entries of the sampler's data report (`Sampler.describe`) as `sampler_<key>` metrics."""
+    return {f"sampler_{k}": v for k, v in (report or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _ckpt_step(path: Optional[Path]) -> Optional[int]:

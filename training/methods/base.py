@@ -223,6 +223,16 @@ class Method:
         samples = kit.samples(identity.references, self.needs)
         return Prepared(self.inputs(samples, identity.weights), {"references": kit.records(identity.references)})
 
+    # ---------------------------------------------------------------- evaluation
+    def extra_metrics(self, images: Sequence[np.ndarray], samples: Sequence[Mapping[str, Any]],
+                      references: Sequence[np.ndarray]) -> dict[str, dict]:
+        """Method-specific evaluation metrics (`persona evaluate` adds them to its own): `images` the
+        generated (H, W, 3) uint8 images, `samples` one record per image ("identity", "key" (the
+        evaluated face), "prompt", "prompt_index", "seed", "face_detected", "identity_similarity"),
+        `references` the reference face (uint8) of each image. Returns {name: entry} in the
+        evaluation's format (`training.evaluate.value(v, n, ...)` / `missing(reason, ...)`). Default: none."""
+        return {}
+
 
 def mix(arrays: Sequence[np.ndarray], weights: Optional[Sequence[float]] = None) -> np.ndarray:
     """Weighted mean of same-shape arrays as float32 (weights normalised; one array: itself)."""
