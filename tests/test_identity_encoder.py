@@ -286,7 +286,8 @@ def test_training_logs_each_term_and_trains_the_unet_only_when_asked(shards, tmp
     met = res["metrics"]
     assert {"loss", "loss_diff_id", "loss_id", "loss_diff_agnostic"} <= set(met)
     assert met["loss_id"] > 0 and met["sampler_identities_short"] == 1 and met["sampler_identities"] == 5
-    assert (tmp_path / "plots" / f"train_{METHOD}_main.csv").read_text().splitlines()[0] == "step,loss,diff_id,id,diff_agnostic"
+    plots = tmp_path / "plots" / f"train_{METHOD}_main"  # one DVC plot per logged loss term
+    assert {f.name for f in plots.glob("loss*.csv")} == {"loss.csv", "loss_diff_id.csv", "loss_id.csv", "loss_diff_agnostic.csv"}
     tensors, meta = read_adapter_file(res["adapter"])
     assert {k.split(".")[0] for k in tensors} == {"conditioner", "injection"} and json.loads(meta["trained_base"]) == []
     record = json.loads(Path(res["adapter_json"]).read_text())
@@ -309,10 +310,11 @@ def trained(shards, tmp_path_factory) -> Path:
     p["evaluate"] = {"adapters": {METHOD: str(tmp / "models" / METHOD / "main")}, "shards": str(shards),
                      "prompts": ["a photo of a face", "a face"], "steps": 2, "num_images": 2, "device": "cpu",
                      "metrics_out": str(tmp / "metrics" / "evaluate_{method}.json"),
+                     "report_out": str(tmp / "eval" / "{method}" / "report.json"),
                      "grid_out": str(tmp / "plots" / "evaluate_{method}_grid.png"),
                      "images_out": str(tmp / "eval" / "{method}" / "images"), "control": {"enabled": False}}
     p["registry"] = {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "artifact_location": str(tmp / "mlartifacts"),
-                     "metrics": str(tmp / "metrics" / "evaluate_{method}.json"),
+                     "metrics": str(tmp / "eval" / "{method}" / "report.json"),
                      "out": str(tmp / "metrics" / "register_{method}.json")}
     p["generate"] = {"steps": 2, "guidance": 3.0, "device": "cpu"}
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
@@ -371,8 +373,9 @@ def test_cli_evaluate_register_and_generate_with_references(trained, sample_raw,
 
     params = str(trained / "params.yaml")
     assert main(["evaluate", "--method", METHOD, "--params", params, "--no-mlflow"]) == 0
-    res = json.loads((trained / "metrics" / f"evaluate_{METHOD}.json").read_text())
+    res = json.loads((trained / "eval" / METHOD / "report.json").read_text())
     div = res["metrics"]["generation_diversity"]
+    assert json.loads((trained / "metrics" / f"evaluate_{METHOD}.json").read_text())["generation_diversity"] == div["value"]
     assert res["method"] == METHOD and div["value"] is not None and div["value"] >= 0
     assert div["n"] == 4 and div["conditions"] == 2  # 1 val face x 2 prompts x 2 seeds
     assert main(["registry", "register", "--adapter", str(trained / "models" / METHOD / "main"), "--params", params]) == 0

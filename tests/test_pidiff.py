@@ -302,7 +302,7 @@ def test_personalize_register_skip_refuse_evaluate_generate(tmp_path, shards, mo
     assert mv.tags["identity"] == "synthetic_002" and mv.tags["base_adapter"] == "base"
     assert mv.tags["git_commit"] and mv.tags["shards_hash"] and "evaluated" not in mv.tags
     assert "metric.identity_similarity" in mv.tags
-    report = json.loads((tmp_path / "metrics" / "personalize_pidiff_synthetic_002.json").read_text())
+    report = json.loads((tmp_path / "metrics" / "reports" / "personalize_pidiff_synthetic_002.json").read_text())
     assert [r["status"] for r in report["rows"]] == ["trained"]
 
     sha = (folder / "adapter.safetensors").read_bytes()
@@ -358,7 +358,7 @@ def test_personalize_from_a_folder_runs_the_data_stages_first(sample_raw, tmp_pa
     assert cli.main(cmd) == 0
     out = capsys.readouterr().out
     slug = identity_slug(who)
-    (report,) = (tmp_path / "metrics").glob("personalize_pidiff_*.json")
+    (report,) = (tmp_path / "metrics" / "reports").glob("personalize_pidiff_*.json")
     named = json.loads(report.read_text())["rows"][0]
     shard_name = named["identity"]  # the ingest stage's safe form of the name
     assert shard_name.startswith("Barack_Obama-") and f"'{who}' is '{shard_name}' in the shards" in out

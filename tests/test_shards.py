@@ -266,7 +266,9 @@ def test_stage_incremental_stale_shards_and_missing_caption(tmp_path):
     shutil.rmtree(root / "caption")
     stats = shards_stage.run(ctx)
     m = json.loads((tmp_path / "metrics" / "shards.json").read_text())
-    assert m["missing_optional_stages"] == ["caption"] and stats["counts"]["ok"] == 15
+    report = json.loads((tmp_path / "metrics" / "reports" / "shards.json").read_text())  # names, lists
+    assert report["missing_optional_stages"] == ["caption"] and stats["counts"]["ok"] == 15
+    assert "missing_optional_stages" not in m and all(not isinstance(v, (str, list)) for v in m.values())  # DVC: numbers
     smp = next(iter(make_dataset(root / "shards", "train")))
     assert smp["txt"] == "" and "caption" not in smp["json"]["models"]
     # a required table missing is a clear error

@@ -153,7 +153,11 @@ def expand_key(key: str) -> str:
 
     if head in methods.names():
         return f"{SECTION}.methods.{key}"
-    raise ConfigError(f"override '{key}': must start with 'train.' or a method name ({', '.join(methods.names())})")
+    import difflib
+
+    close = difflib.get_close_matches(head, [SECTION, *methods.names()], n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"override '{key}'{hint}: must start with 'train.' or a method name ({', '.join(methods.names())})")
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

@@ -49,10 +49,15 @@ shard's `id.npy` when those landmarks are unusable. Generated images: the larges
 with real landmarks (`training.references.largest_face`, params `align.detector`), ArcFace-aligned
 from its 5 landmarks.
 
-Outputs: `metrics_out` (DVC metrics JSON), `grid_out` (reference | generated per prompt, one row
-per face), the images under `images_out`, and MLflow: metrics `eval.<name>` + tags + the two files
-logged to the adapter's training run (adapter.json mlflow.run_id) when it exists on the tracking
-server, else to a new run. With random weights anywhere (the tiny demo model, a random e4e) the
+Outputs: `metrics_out` (the DVC metrics: numbers only, `{"<metric>": value}` for each metric that has
+one, so revisions and experiments compare), `report_out` (the full report: adapter, evaluation set,
+every metric with its count or the reason it is missing, control details, scorers, per-image samples,
+warnings), `grid_out` (reference | generated per prompt, one row per face), the images under
+`images_out`, and MLflow: the metrics `eval.<name>`, tags and the files, logged to the adapter's
+training run (adapter.json mlflow.run_id) when it exists on the tracking server, else to a new run;
+when the adapter's MLflow model (adapter.json mlflow.model_id) is there, the metrics are the model's
+(MLflow 3 model metrics), and the evaluation set is the run's dataset input (context `evaluation`,
+digest = the evaluation-set id) the metrics refer to. With random weights anywhere (the tiny demo model, a random e4e) the
 results say `weights_real: false` and carry a warning: identity similarity 0 and detection rate 0
 are then the honest values.
 """
@@ -135,7 +140,8 @@ class EvaluateConfig:
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     fid_inception: Optional[str] = None  # torchvision inception_v3 ImageNet state_dict
     control: ControlConfig = field(default_factory=ControlConfig)
-    metrics_out: str = "metrics/evaluate_{method}.json"
+    metrics_out: str = "metrics/evaluate_{method}.json"  # DVC metrics: numbers only
+    report_out: str = "eval/{method}/report.json"  # the full report (samples, reasons, warnings)
     grid_out: str = "plots/evaluate_{method}_grid.png"
     images_out: str = "eval/{method}/images"
     grid_tile: int = 128
@@ -176,7 +182,7 @@ def for_method(cfg: EvaluateConfig, method: str) -> EvaluateConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **{k: getattr(cfg, k).replace("{method}", method)
-                                       for k in ("metrics_out", "grid_out", "images_out")})
+                                       for k in ("metrics_out", "report_out", "grid_out", "images_out")})
 
 
 # ============================================================================================
@@ -217,7 +223,7 @@ def missing(reason: str, n: int = 0, **extra: Any) -> dict:
 
 
 def numeric_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The metrics that have a finite value."""
+    """The metrics that have a finite value (what the DVC metrics file holds)."""
     out = {}
     for k, m in metrics.items():
         v = m.get("value")
@@ -652,11 +658,51 @@ def comparison_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[tuple[np.ndar
 # MLflow
 
 
+def eval_dataset(results: Mapping[str, Any]):
+    """The evaluation set as an MLflow dataset (metadata): name `eval-set`, digest its id, source the shards."""
+    from training.tracking import DIGEST_LEN, shards_dataset
+
+    es = results["eval_set"]
+    ds = shards_dataset(es["shards"], "none", {}, ())
+    ds._name, ds._digest = "eval-set", str(es["id"])[:DIGEST_LEN]
+    return ds
+
+
+def logged_model(client, model_id: Optional[str]):
+    """The logged model `model_id` on the client's server, or None (absent, deleted, or no id)."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id)
+    except MlflowException:
+        return None
+
+
+def log_metrics_on(client, run_id: str, values: Mapping[str, float], step: int, *, model_id: Optional[str] = None,
+                   results: Optional[Mapping[str, Any]] = None, prefix: str = "eval.") -> None:
+    """`prefix<name>` = value on run `run_id` (and on its logged model `model_id`: MLflow 3 model metrics),
+    for the evaluation set of `results` (logged as the run's dataset input, context `evaluation`)."""
+    from mlflow.entities import DatasetInput, InputTag, Metric
+
+    ts = int(time.time() * 1000)
+    ds = None
+    if results is not None:
+        ds = eval_dataset(results)
+        client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[
+            InputTag("mlflow.data.context", "evaluation")])])
+    client.log_batch(run_id, metrics=[
+        Metric(f"{prefix}{k}", float(v), ts, int(step), model_id=model_id, dataset_name=ds.name if ds else None,
+               dataset_digest=ds.digest if ds else None) for k, v in values.items()])
+
+
 def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, adapter_meta: Mapping[str, Any]) -> dict:
-    """Log `eval.<metric>` values, tags and `files` to the adapter's run (or a new run)."""
+    """Log `eval.<metric>` values (on the adapter's MLflow model when it is there), tags and `files`
+    to the adapter's run (or a new run)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     ml = adapter_meta.get("mlflow") or {}
@@ -668,6 +714,7 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
             run_id = None
     except MlflowException:
         run_id = None
+    model = logged_model(client, ml.get("model_id")) if run_id else None
     if run_id is None:
         name = cfg.experiment or ml.get("experiment") or "persona-eval"
         exp = client.get_experiment_by_name(name)
@@ -676,21 +723,21 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
             name, artifact_location=None if remote else str(Path(cfg.artifact_location).resolve()))
         run_id = client.create_run(exp_id, run_name="evaluate", tags={"persona.kind": "evaluate"}).info.run_id
         new = True
-    ts = int(time.time() * 1000)
     step = int(adapter_meta.get("global_step") or 0)
-    metrics = [Metric(f"eval.{k}", v, ts, step) for k, v in numeric_metrics(results["metrics"]).items()]
+    log_metrics_on(client, run_id, numeric_metrics(results["metrics"]), step,
+                   model_id=model.model_id if model is not None else None, results=results)
     tags = [RunTag("eval.set", results["eval_set"]["id"]), RunTag("eval.weights_real", str(results["weights_real"]).lower()),
             RunTag("eval.adapter_sha256", results["adapter"]["sha256"])]
     tags += [RunTag(f"eval.missing.{k}", str(m["missing"])[:4000]) for k, m in results["metrics"].items() if m.get("value") is None]
     if not results["weights_real"]:
         tags.append(RunTag("eval.warning", results.get("warning", "random weights")[:4000]))
-    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.log_batch(run_id, tags=tags)
     for f in files:
         if Path(f).is_file():
             client.log_artifact(run_id, str(f), "evaluation")
     if new:
         client.set_terminated(run_id)
-    return {"tracking_uri": uri, "run_id": run_id, "new_run": new}
+    return {"tracking_uri": uri, "run_id": run_id, "new_run": new, "model_id": model.model_id if model else None}
 
 
 # ============================================================================================
@@ -901,15 +948,17 @@ def evaluate(
     grid_path.write_bytes(encode_png(comparison_grid(rows, cfg.prompts, cfg.grid_tile)))
     results["grid"] = str(grid_path)
     results["seconds"] = round(time.perf_counter() - t0, 3)
-    out = Path(cfg.metrics_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results["metrics_file"] = str(out)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    out, report = Path(cfg.metrics_out), Path(cfg.report_out)
+    results["metrics_file"], results["report_file"] = str(out), str(report)
+    for p in (out, report):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(numeric_metrics(metrics), indent=2, sort_keys=True) + "\n")
+    report.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
 
     do_log = cfg.mlflow.enabled if log_mlflow is None else log_mlflow
     if do_log:
-        results["mlflow"] = log_to_mlflow(results, [out, grid_path], cfg.mlflow, gen.resolved.meta)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+        results["mlflow"] = log_to_mlflow(results, [report, out, grid_path], cfg.mlflow, gen.resolved.meta)
+        report.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     return results
 
 

@@ -28,8 +28,9 @@ then `generate.methods.<method>` (`with_method_defaults`; what `persona generate
 flags).
 
 Adapters come from a folder holding `adapter.safetensors` + `adapter.json` (what training writes),
-or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (downloaded with
-`mlflow.artifacts.download_artifacts`; the alias is pinned to its version in the records).
+or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (the version's
+MLflow model, downloaded with `mlflow.artifacts.download_artifacts`, holds the adapter files; the
+alias is pinned to its version in the records).
 
 Every image is written as `<stem>.png` with `<stem>.json` (everything needed to reproduce it: adapter
 uri/path + sha256, base model, prompts, seed, scheduler, steps, guidance, lambda, delay, the
@@ -245,7 +246,9 @@ def resolve_adapter(
         mv = reg.version(name, alias or version)
         target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix=f"persona-{name}-v{mv.version}-"))
         folder = reg.download(name, mv.version, target)
-        folder, meta = read_adapter_folder(folder)
+        from training.pyfunc import adapter_folder
+
+        folder, meta = read_adapter_folder(adapter_folder(folder) or folder)  # an MLflow model holds it in artifacts/
         res = ResolvedAdapter(folder, spec, meta, sha256_file(folder / ADAPTER_FILE), uri=f"models:/{name}/{mv.version}",
                               registry={"name": name, "version": str(mv.version), "alias": alias,
                                         "run_id": mv.run_id, "source": mv.source,

@@ -64,7 +64,7 @@ class PersonalizeParams:
     phase: Optional[str] = None  # null: the method's one per-identity phase
     identities: list[str] = field(default_factory=list)  # DVC personalize@<identity> (dvc.yaml foreach)
     work_dir: str = "personalize"  # --images DIR: <work_dir>/<identity>/ holds the manifest and the data built
-    report: str = "metrics/personalize_{method}_{identity}.json"  # run report; {identity}: the identity or "all"
+    report: str = "metrics/reports/personalize_{method}_{identity}.json"  # run report; {identity}: the identity or "all"
     register: bool = True  # register each adapter (persona-<method>, the phase's tags and aliases)
     evaluate: bool = False  # run `persona evaluate` on each adapter first (registered with its results)
     use_gpu: Optional[bool] = None  # fan-out tasks on GPUs; null: when the Ray cluster has GPUs
@@ -311,16 +311,17 @@ def train_identity(params: Params, method: str, phase: str, identity: str, overr
 
 def evaluate_adapter(params: Params, folder: Path, method: str, shards: str) -> str:
     """`persona evaluate` on one per-identity adapter (on its evaluation faces, in the shards it was
-    trained on), outputs named after its folder; returns the metrics file."""
+    trained on), outputs named after its folder; returns the full report (what registration reads)."""
     from training.evaluate import evaluate, evaluate_config
 
     stem = f"{method}_{folder.name}"
     cfg = evaluate_config(params, {"adapter": str(folder), "shards": str(shards),
                                    "metrics_out": f"metrics/evaluate_{stem}.json",
+                                   "report_out": f"eval/{method}/{folder.name}/report.json",
                                    "grid_out": f"plots/evaluate_{stem}_grid.png",
                                    "images_out": f"eval/{method}/{folder.name}/images"})
     res = evaluate(cfg, params)
-    return res["metrics_file"]
+    return res["report_file"]
 
 
 def _task(params: Params, method: str, phase: str, identity: str, overrides: Mapping[str, Any], evaluate: bool,

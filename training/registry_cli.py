@@ -7,7 +7,7 @@
                      [--steps T] [--guidance G] [--negative-prompt TEXT] [--out DIR]
     persona generate --from-json OUT/img-p00-seed0.json [--out DIR]     re-run a recorded image
     persona evaluate [--adapter ... | --method M] [--shards DIR] [--no-mlflow]     params `evaluate:`
-    persona registry register --adapter DIR [--metrics metrics/evaluate_M.json]   -> persona-<method>
+    persona registry register --adapter DIR [--metrics eval/M/report.json]         -> persona-<method>
     persona registry promote [--method M | --name N] [--version V] [--force] | rollback | list | show [REF]
     persona mlflow-server [--port 5000] [--backend sqlite:///mlflow-server.db] [--artifacts DIR]
 
@@ -199,12 +199,13 @@ def _cmd_evaluate(args) -> int:
     params = _params(args.params)
     cfg = ev.evaluate_config(params, {"adapter": args.adapter, "shards": args.shards, "split": args.split,
                                       "max_identities": args.max_identities, "steps": args.steps,
-                                      "metrics_out": args.metrics_out, "device": args.device})
+                                      "metrics_out": args.metrics_out, "report_out": args.report_out,
+                                      "device": args.device})
     if not cfg.adapter:
         cfg.adapter = ev.adapter_for(cfg, args.method)
     res = ev.evaluate(cfg, params, log_mlflow=False if args.no_mlflow else None)
     print(ev.summary(res))
-    print(f"[evaluate] {res['method']}: wrote {res['metrics_file']}, {res['grid']}"
+    print(f"[evaluate] {res['method']}: wrote {res['metrics_file']}, {res['report_file']}, {res['grid']}"
           + (f"; MLflow run {res['mlflow']['run_id']}" if res.get("mlflow") else ""))
     return 0
 
@@ -224,8 +225,11 @@ def _cmd_register(args) -> int:
     meta = Path(args.adapter) / "adapter.json"
     method = str(json.loads(meta.read_text()).get("method")) if meta.is_file() else "unknown"
     metrics = None if args.no_metrics else (args.metrics or reg.cfg.metrics).replace("{method}", method)
+    from training.pyfunc import kit_params
+
     out = reg.register(args.adapter, evaluation=metrics, name=args.name, alias=args.alias,
-                       allow_mismatch=args.allow_mismatch, new_version=args.new_version)
+                       allow_mismatch=args.allow_mismatch, new_version=args.new_version,
+                       kit=kit_params(_params(args.params)))
     dst = Path((args.out or reg.cfg.out).replace("{method}", method))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
@@ -337,18 +341,18 @@ def register(sub) -> None:
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method-specific option")
     s.add_argument("--scheduler", choices=["ddim", "euler_a", "dpm++"], help="diffusers sampler (default params)")
     s.add_argument("--prompt", action="append", help="prompt (repeat for several)")
-    s.add_argument("--negative-prompt", dest="negative_prompt")
+    s.add_argument("--negative-prompt", dest="negative_prompt", help="what to steer away from (default params generate.negative_prompt)")
     s.add_argument("--lambda", dest="lam", type=float,
                    help="identity scale lambda (default params generate.scale; null: the adapter's method default)")
     s.add_argument("--delay", type=int, help="sampler steps with lambda 0 at the start (delayed identity)")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="seed of the first image (default params generate.seed)")
     s.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed, seed+1, ...)")
     s.add_argument("--steps", type=int, help="sampler steps")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--height", type=int, help="image height in px (default: the adapter's training resolution)")
+    s.add_argument("--width", type=int, help="image width in px (default: the adapter's training resolution)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto: cuda when present)")
+    s.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="weights dtype (default auto: fp16 on CUDA, fp32 on CPU)")
     s.add_argument("--base-model", dest="base_model", help="override the base SD model (local diffusers folder)")
     s.add_argument("--preset", choices=["tiny", "sd15"], help="override the base SD model with a random preset")
     s.add_argument("--name", default="img", help="file name prefix (default: img)")
@@ -363,63 +367,68 @@ def register(sub) -> None:
     s = sub.add_parser("evaluate", help="score an adapter on the held-out identities (params evaluate:)",
                        description="Generate for the val identities x prompts, score identity similarity, "
                        "detection rate, CLIP-T / LPIPS / FID where configured, and the real-photo control; write "
-                       "metrics/evaluate.json + a grid, log to MLflow.", formatter_class=fmt)
+                       "the DVC metrics (numbers only), the full report (eval/<method>/report.json) and a grid; "
+                       "log to MLflow (the metrics on the adapter's MLflow model).", formatter_class=fmt)
     s.add_argument("--adapter", help="adapter folder or models:/ uri (default: params evaluate.adapter(s))")
     s.add_argument("--method", help="evaluate params evaluate.adapters[METHOD]")
-    s.add_argument("--shards")
-    s.add_argument("--split")
-    s.add_argument("--max-identities", dest="max_identities", type=int)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--metrics-out", dest="metrics_out")
+    s.add_argument("--shards", help="shards folder (default params evaluate.shards)")
+    s.add_argument("--split", help="split of the shards to evaluate on (default params evaluate.split, val)")
+    s.add_argument("--max-identities", dest="max_identities", type=int, help="at most this many identities")
+    s.add_argument("--steps", type=int, help="sampler steps (default params evaluate.steps)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto: cuda when present)")
+    s.add_argument("--metrics-out", dest="metrics_out",
+                   help="scalar metrics file, DVC metrics (default params evaluate.metrics_out)")
+    s.add_argument("--report-out", dest="report_out",
+                   help="full report: samples, paths, reasons, warnings (default params evaluate.report_out)")
     s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     s.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("registry", help="MLflow model registry: register, promote, rollback, list, show")
-    rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    rs = r.add_subparsers(dest="registry_command", required=True, metavar="ACTION", help="what to do in the registry")
     s = rs.add_parser("register", help="register an adapter folder (+ eval results) as @candidate")
     s.add_argument("--adapter", required=True, help="adapter folder (adapter.safetensors + adapter.json)")
-    s.add_argument("--metrics", help="evaluation results (default: params registry.metrics, {method} filled in)")
+    s.add_argument("--metrics", "--evaluation", dest="metrics",
+                   help="the evaluation report of `persona evaluate` (default: params registry.metrics, {method} filled in)")
     s.add_argument("--no-metrics", action="store_true", help="register without evaluation results")
     s.add_argument("--allow-mismatch", action="store_true", help="accept results made for another adapter file")
     s.add_argument("--new-version", action="store_true", help="always create a new version")
     s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
-    s.add_argument("--alias", default="candidate")
+    s.add_argument("--alias", default="candidate", help="alias pointed at the new version (default: candidate)")
     s.add_argument("--out", help="write the registration summary here (default: params registry.out)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_register)
     s = rs.add_parser("promote", help="move @champion to @candidate if it beats the champion on the gate metrics")
-    s.add_argument("--name")
+    s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
     s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     s.add_argument("--version", help="promote this version instead of @candidate")
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded on the version)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_promote)
     s = rs.add_parser("rollback", help="move @champion back to the previous champion")
-    s.add_argument("--name")
+    s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
     s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_rollback)
     s = rs.add_parser("list", help="versions with aliases and metrics")
-    s.add_argument("--name")
+    s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
     s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     s.add_argument("--all", action="store_true", help="list registered models instead")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the versions as JSON")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_list)
     s = rs.add_parser("show", help="one version (number or alias, default champion) as JSON")
-    s.add_argument("ref", nargs="?", default="champion")
-    s.add_argument("--name")
+    s.add_argument("ref", nargs="?", default="champion", help="version number or alias (default: champion)")
+    s.add_argument("--name", help="registered model (default: params registry.model_name, persona-<method>)")
     s.add_argument("--method", help="the registered model of this method (persona-<method>)")
     _mlflow_args(s)
     s.set_defaults(func=_cmd_show)
 
     s = sub.add_parser("mlflow-server", help="run a local MLflow tracking server (SQLite + served artifacts)")
-    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; see README for team servers)")
     s.add_argument("--backend", default="sqlite:///mlflow-server.db", help="backend store URI")
     s.add_argument("--artifacts", default="mlartifacts-server", help="artifact folder (or s3://..., gs://...)")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /health")
     s.set_defaults(func=_cmd_server)
