@@ -45,6 +45,7 @@ def make_project(root: Path) -> tuple[Path, dict]:
     t = params["train"]
     t.update(num_workers=0, threads=1, sampling={**t["sampling"], "num_faces": 2, "steps": 2})
     t["mlflow"]["enabled"] = False
+    t["runs"] = {k: v for k, v in t["runs"].items() if v["method"] == "wplus"}  # the README's experiment is on W+
     small = {"batch_size": 2, "log_every": 1, "checkpoint_every": 2, "sample_every": 0}
     t["methods"]["wplus"]["stage1"].update(max_steps=4, **small)
     t["methods"]["wplus"]["stage2"].update(max_steps=3, **small)

@@ -295,13 +295,15 @@ def test_personalize_register_skip_refuse_evaluate_generate(tmp_path, shards, mo
     folder = tmp_path / "models" / "pidiff" / "synthetic_002"
     meta = json.loads((folder / "adapter.json").read_text())
     assert meta["global_step"] == 3 and meta["scale"] == 0.4 and meta["phase_record"]["identity"] == "synthetic_002"
-    ev = json.loads((tmp_path / "metrics" / "evaluate_pidiff_synthetic_002.json").read_text())
+    ev = json.loads((tmp_path / "eval" / "pidiff" / "synthetic_002" / "report.json").read_text())  # the full report
     assert ev["eval_set"]["faces"] == meta["phase_record"]["photos"]["held_out"] and ev["eval_set"]["lambda"] == 0.4
     reg = Registry(tracking_uri=uri)
     mv = reg.version("persona-pidiff", "synthetic_002-champion")
     assert mv.tags["identity"] == "synthetic_002" and mv.tags["base_adapter"] == "base"
     assert mv.tags["git_commit"] and mv.tags["shards_hash"] and "evaluated" not in mv.tags
-    assert "metric.identity_similarity" in mv.tags
+    from training.registry import model_metrics
+
+    assert "eval.identity_similarity" in model_metrics(reg.client.get_logged_model(mv.model_id))  # on its MLflow model
     report = json.loads((tmp_path / "metrics" / "reports" / "personalize_pidiff_synthetic_002.json").read_text())
     assert [r["status"] for r in report["rows"]] == ["trained"]
 

@@ -219,7 +219,7 @@ def _full_repro_checks(proj: Path) -> None:
     md5 = next(o["md5"] for o in lock["stages"]["shards"]["outs"] if o["path"] == "data/shards")
     meta = json.loads((proj / "models" / "wplus" / "stage2" / "adapter.json").read_text())
     run = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").get_run(meta["mlflow"]["run_id"])
-    (ds,) = run.inputs.dataset_inputs
+    (ds,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "shards"]  # (+ the evaluation set, when registered)
     assert ds.dataset.name == "shards" and ds.dataset.digest == md5 == meta["lineage"]["shards_hash"]
     assert json.loads(ds.dataset.source)["uri"] == str((proj / "data" / "shards").resolve())
     # Hybrid guidance: trained, evaluated, registered, and its multi-person generation in plots/

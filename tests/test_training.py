@@ -471,7 +471,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     assert 4 <= killed_at < steps
     run_id = json.loads((ckdir / "run.json").read_text())["run_id"]
 
-    out = subprocess.run(cmd + ["--json"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd + ["--json"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout[out.stdout.index("{\n"):])
     assert res["global_step"] == steps and res["resumed_from"] is not None
