@@ -170,3 +170,15 @@ def _restore_mlflow_env():
     for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
         del os.environ[k]
     os.environ.update(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a busy machine (2 threads on 2
+    shared cores stall on every op). Use per module: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -17,7 +17,7 @@ from pipeline.shards import encoded_members, synthetic_samples, write_tar
 from training import methods
 from training.adapters.msid import MSIDEncoder, OUT_DIM, TAPS, WIDTH, load_msid
 from training.adapters.pseudo_words import PseudoWordInjection, identifier_positions
-from training.losses import cgdr_target, noise_mse
+from training.losses import cgdr_target
 from training.methods import face2diffusion as F
 from training.step import SampleDraws
 
@@ -25,12 +25,7 @@ M = "face2diffusion"
 PHOTOS = "sample"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _npy(a: np.ndarray) -> bytes:

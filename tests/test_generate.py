@@ -61,14 +61,7 @@ def make_tiny_adapter(folder: Path, *, steps: int = 2, seed: int = 0, lr: float 
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a busy machine (2 threads on 2
-    shared cores stall on every op)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +239,7 @@ def test_adapter_resolution_errors(adapter_dir, tmp_path, capsys):
         resolve_adapter(str(tmp_path))
     # W+ needs reference photos or a code: a clear one-line error
     assert main(["generate", "--adapter", str(adapter_dir), "--prompt", "x", "--device", "cpu"]) == 1
-    assert "give reference photo(s) or --input wplus=CODE.npy" in capsys.readouterr().err
+    assert "give reference photo(s) of the identity (--ref) or --input wplus=CODE.npy" in capsys.readouterr().err
 
 
 def test_image_to_image_from_a_content_photo_is_generic_and_reruns(sample_raw, adapter_dir, tmp_path, capsys):

@@ -29,12 +29,7 @@ CLIP_DIM = 16  # the tiny random CLIP model's projection dim (pipeline.models.cl
 T = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _installed(cls=RegionAttention, seed: int = 0, **kw):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from pipeline.cli import main
@@ -27,12 +26,7 @@ from tests.test_generate import make_tiny_adapter
 NAME = "persona-test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def evaluation(adapter: Path, ident: float, eval_set: str = "E1", clip: float | None = None) -> dict:

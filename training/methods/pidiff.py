@@ -56,7 +56,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError
 from pipeline.digests import sha256_array, sha256_file
 from training import methods
 from training.adapters.residual_attention import ResidualAttention
@@ -64,7 +64,7 @@ from training.adapters.wproj import WProj
 from training.losses import noise_mse
 from training.methods.base import (DataVerdict, DropoutConfig, Identity, Method, MethodFlag, Phase, PhaseConfig, Prepared,
                                    mix)
-from training.methods.wplus import KEY, MEMBER, W_SHAPE, WProjConfig, load_code
+from training.methods.wplus import KEY, MEMBER, W_SHAPE, WProjConfig, identity_code, load_code
 from training.references import ReferenceKit
 from training.step import seed_of
 from training.transforms import aligned_face
@@ -390,17 +390,7 @@ class PIDiff(Method):
         if unknown:
             raise ValueError(f"pidiff: unknown --input/--option {unknown} (inputs: wplus, style (--style-ref); "
                              "options: split)")
-        if bool(identity.references) == ("wplus" in files):
-            raise ValueError("pidiff: give reference photo(s) of the identity (--ref) or --input wplus=CODE.npy "
-                             "(exactly one of the two)")
-        if "wplus" in files:
-            w = load_code(files["wplus"])
-            record: dict = {"source": {"kind": "file", "path": files["wplus"], "sha256": sha256_file(files["wplus"])}}
-        else:
-            prepared = super().prepare(identity, {}, {}, kit)
-            w = prepared.inputs[KEY]
-            record = {"source": {"kind": "references", "weights": identity.weights, **kit.settings(),
-                                 "wplus": to_dict(kit.params.wplus)}, **prepared.record}
+        w, record = identity_code(self, identity, files, kit)
         if STYLE_REF_INPUT in files:
             split = int(options["split"]) if "split" in options else default_style_split(kit.params)
             style, style_src = _code_of(files[STYLE_REF_INPUT], kit)

@@ -213,22 +213,28 @@ class WPlus(Method):
             raise ValueError(f"wplus: unknown --input/--option {unknown} (inputs: wplus, edit; options: alpha)")
         if ("edit" in files) != ("alpha" in options):
             raise ValueError("wplus: --input edit=DIRECTION.npy and --option alpha=A go together")
-        if bool(identity.references) == ("wplus" in files):
-            raise ValueError("wplus: give reference photo(s) or --input wplus=CODE.npy (exactly one of the two)")
-        if "wplus" in files:
-            w = load_code(files["wplus"])
-            record: dict = {"source": {"kind": "file", "path": files["wplus"], "sha256": sha256_file(files["wplus"])}}
-        else:
-            prepared = super().prepare(identity, {}, {}, kit)
-            w = prepared.inputs[KEY]
-            record = {"source": {"kind": "references", "weights": identity.weights, **kit.settings(),
-                                 "wplus": to_dict(kit.params.wplus)}, **prepared.record}
+        w, record = identity_code(self, identity, files, kit)
         if "edit" in files:
             alpha = float(options["alpha"])
             record["edit"] = {"direction": files["edit"], "sha256": sha256_file(files["edit"]), "alpha": alpha}
             record["unedited_sha256"] = sha256_array(w)
             w = apply_edit(w, load_direction(files["edit"]), alpha)
         return Prepared({KEY: w}, record)
+
+
+def identity_code(method: Method, identity: Identity, files: Mapping[str, str], kit: ReferenceKit) -> tuple[np.ndarray, dict]:
+    """The W+ code (18, 512) of an identity for generation: from its reference photos (the wplus
+    stage's encoder, mixed by the identity's weights) or from `--input wplus=CODE.npy` (exactly one
+    of the two); returns (code, its record). Shared by the methods conditioned on W+ codes."""
+    if bool(identity.references) == ("wplus" in files):
+        raise ValueError(f"{method.name}: give reference photo(s) of the identity (--ref) or --input wplus=CODE.npy "
+                         "(exactly one of the two)")
+    if "wplus" in files:
+        w = load_code(files["wplus"])
+        return w, {"source": {"kind": "file", "path": files["wplus"], "sha256": sha256_file(files["wplus"])}}
+    prepared = Method.prepare(method, identity, {}, {}, kit)
+    return prepared.inputs[KEY], {"source": {"kind": "references", "weights": identity.weights, **kit.settings(),
+                                             "wplus": to_dict(kit.params.wplus)}, **prepared.record}
 
 
 def _e4e(kit: ReferenceKit, faces) -> list[np.ndarray]:
