@@ -163,10 +163,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_env():
-    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI: keep one test's store out of the next
-    (in-process training followed by evaluate in the same worker)."""
+    """mlflow.set_tracking_uri() / set_registry_uri() also export MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI and keep the URIs in module globals: keep one test's store out of the next
+    (in-process training followed by evaluate, or a team-server test, in the same worker)."""
     before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     yield
+    if "mlflow" in sys.modules:  # and the process-wide URIs mlflow keeps beside the variables
+        import mlflow
+
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
     for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
         del os.environ[k]
     os.environ.update(before)
