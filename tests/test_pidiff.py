@@ -301,9 +301,9 @@ def test_personalize_register_skip_refuse_evaluate_generate(tmp_path, shards, mo
     mv = reg.version("persona-pidiff", "synthetic_002-champion")
     assert mv.tags["identity"] == "synthetic_002" and mv.tags["base_adapter"] == "base"
     assert mv.tags["git_commit"] and mv.tags["shards_hash"] and "evaluated" not in mv.tags
-    from training.registry import model_metrics
+    from training.registry import model_id_of, model_metrics
 
-    assert "eval.identity_similarity" in model_metrics(reg.client.get_logged_model(mv.model_id))  # on its MLflow model
+    assert "identity_similarity" in model_metrics(reg.client.get_logged_model(model_id_of(mv)))  # on its MLflow model
     report = json.loads((tmp_path / "metrics" / "reports" / "personalize_pidiff_synthetic_002.json").read_text())
     assert [r["status"] for r in report["rows"]] == ["trained"]
 
