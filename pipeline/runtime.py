@@ -265,7 +265,10 @@ def map_batches(
                 log.info("%s: %d item(s) (< runtime.inline_below %d): in this process", desc or "stage",
                          len(items), cfg.inline_below)
             with pinned_threads(1):
-                fn = factory()
+                try:
+                    fn = factory()
+                except Exception as e:  # a model that cannot load: the stage stops (as on actors)
+                    raise RuntimeError(f"worker failed to start: {type(e).__name__}: {e}") from e
                 for b in batches:
                     res = process_batch(fn, b)
                     sync_written()
