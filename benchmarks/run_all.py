@@ -23,7 +23,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, table, write_result
 
-BENCHMARKS = ("dedup_scale", "stage_throughput", "scaling", "incremental", "store_scale", "gpu_memory", "loader")
+BENCHMARKS = ("dedup_scale", "stage_throughput", "scaling", "incremental", "store_scale", "gpu_memory",
+              "gpu_memory_hybrid", "loader")
 LIMIT_S = 25 * 60
 NOISE = ("W0000 ", "I0000 ", "WARNING: All log messages before absl", "INFO: Created TensorFlow",
          "authentication_token_setup")

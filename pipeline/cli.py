@@ -31,6 +31,40 @@ from pipeline.storage import spath
 EX_TEMPFAIL = 75  # sysexits: some items failed for reasons of the run; rerun to retry them
 
 
+def version() -> str:
+    """'0.1.0' (the installed distribution's, else this checkout's pyproject.toml), plus the git
+    commit when run from a checkout: '0.1.0 (git 1a2b3c4d, modified)'."""
+    import importlib.metadata
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    v = None
+    try:
+        v = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        try:
+            v = importlib.metadata.version("persona")
+        except importlib.metadata.PackageNotFoundError:
+            v = "unknown"
+    from pipeline.gitinfo import git_commit, git_dirty
+
+    commit = git_commit(root)
+    if commit:
+        v += f" (git {commit[:8]}{', modified' if git_dirty(root) else ''})"
+    return v
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, computed only when asked for (it may call git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
 def available_stages() -> list[str]:
     """The registered data stages, in pipeline order."""
     return [s.name for s in plugins.data_stages()]
@@ -153,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Set RAY_ADDRESS to run the stages on a Ray cluster.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action=_VersionAction, help="print the version (and the git commit of a checkout) and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     s = sub.add_parser("stage", help="run one data stage (what dvc.yaml calls)")
     s.add_argument("name", help="stage name: " + ", ".join(plugins.stage_names()))

@@ -268,6 +268,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _number(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -276,6 +278,24 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _number(text: str, path: str) -> float:
+    """A float field's value written as text: YAML 1.1 (PyYAML) reads `1e-4` as the string '1e-4'
+    (its float pattern needs a dot), so a number in any notation Python parses is accepted."""
+    try:
+        return float(text.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{path}: expected a number, got {text!r}") from None
+
+
+def unknown_key(path: str, key: str, allowed: list[str]) -> ConfigError:
+    """The error for a key that is not allowed here, with the closest allowed key when one is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{path}'{hint}; allowed keys here: {', '.join(allowed)}")
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
@@ -291,12 +311,16 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     for key, value in data.items():
         kp = f"{path}.{key}" if path else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{kp}'; allowed keys here: {', '.join(allowed)}")
+            raise unknown_key(kp, key, allowed)
         kwargs[key] = _coerce(value, hints[key], kp)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
-        check(path or cls.__name__)
+        import inspect
+
+        # validate(self, path) (sections), or validate(self) (method configs, checked again by their owner)
+        takes_path = bool(inspect.signature(check).parameters)
+        check(path or cls.__name__) if takes_path else check()
     return obj
 
 
@@ -328,7 +352,7 @@ def params_from_dict(raw: dict) -> Params:
         elif key in raw_names:
             params.extra[key] = value
         else:
-            raise ConfigError(f"unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+            raise unknown_key(str(key), key, allowed)
     for name, cls in typed.items():
         if name not in params.sections:
             params.sections[name] = build(cls, {}, name)

@@ -240,8 +240,9 @@ def add_submit_options(parser, address: bool = True) -> None:
     Use `is_submit(args)`, `job_entrypoint(...)` and `submit_command(...)` in the command.
     """
     parser.add_argument("action", nargs="?", choices=["submit"], default=None, metavar="submit",
-                        help="run this command on a Ray cluster as a Ray Job, stream its logs and exit "
-                        "with its status")
+                        help="optional word right after the command (`persona %s submit ...`): instead of "
+                        "running here, send this same command to a Ray cluster as a Ray Job, stream its logs "
+                        "and exit with its status (see `persona jobs --help`)" % parser.prog.split()[-1])
     g = parser.add_argument_group("Ray Job (with `submit`)")
     g.add_argument("--submit", action="store_true", help="the same as `submit` (its older spelling)")
     if address:
@@ -335,15 +336,34 @@ def _cmd_list(args) -> int:
     return 0
 
 
+JOBS_DESCRIPTION = f"""Run a command on a Ray cluster as a Ray Job: upload the working folder, start the command there,
+stream its logs and exit with its status (0 when the job succeeded, the command's exit code when it
+failed, 1 when it was stopped).
+
+    persona jobs submit [--address URL] [--working-dir DIR] [--env K=V]... [--no-wait] -- COMMAND [ARGS...]
+    persona jobs status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID | list
+
+`persona build` and `persona train` can send themselves: put the word `submit` right after the command
+(`persona train submit --method wplus --phase stage1 --address URL`); that is the optional `[submit]`
+in their usage line, and `--submit` anywhere does the same. The job runs the same command without the
+submit options, on the cluster.
+
+The address is the cluster's dashboard (http://HOST:8265; default $RAY_API_SERVER_ADDRESS, else
+{DEFAULT_ADDRESS}, e.g. a `kubectl port-forward`). Inside the job RAY_ADDRESS points at the cluster,
+so `persona stage ...`, `persona build ...` and `dvc repro` spread their work over it. Token
+authentication (on by default for Ray 2.60 clusters): the token comes from $RAY_AUTH_TOKEN, else the
+file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; none is sent when RAY_AUTH_MODE=disabled."""
+
+
 def register(subparsers) -> None:
     """Add `persona jobs {submit,status,logs,stop,list}` to the CLI."""
     p = subparsers.add_parser(
         "jobs",
         help="run commands on a Ray cluster as Ray Jobs (submit, status, logs, stop)",
-        description=__doc__,
+        description=JOBS_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    sub = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION", help="what to do with jobs")
 
     def common(s):
         s.add_argument("--address", default=None, help=f"dashboard URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS})")
@@ -355,7 +375,8 @@ def register(subparsers) -> None:
     s.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="extra path excluded from the upload (repeatable)")
     s.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs reserved for the entrypoint process itself")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    s.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    s.add_argument("entrypoint", nargs=argparse.REMAINDER,
+                   help="-- COMMAND [ARGS...]: the command the job runs (after `--`)")
     s.set_defaults(func=_cli(_cmd_submit))
 
     for name, fn, helptext in (
@@ -365,7 +386,7 @@ def register(subparsers) -> None:
     ):
         s = sub.add_parser(name, help=helptext)
         common(s)
-        s.add_argument("job_id")
+        s.add_argument("job_id", help="the job's id (printed by `submit`; `persona jobs list` shows them)")
         if name == "logs":
             s.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
         s.set_defaults(func=_cli(fn))

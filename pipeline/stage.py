@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -113,8 +113,8 @@ def prepare(ctx: Context, stage: str) -> ItemStore:
     store = ctx.store(stage)
     removed = store.clean_temps()
     m = ctx.metrics_path(stage)
-    if isinstance(m, Path) and m.parent.is_dir():
-        for p in m.parent.glob(f".{m.name}.*.tmp"):
+    for d in (m.parent, m.parent / REPORTS) if isinstance(m, Path) else ():
+        for p in d.glob(f".{m.name}.*.tmp") if d.is_dir() else ():
             p.unlink()
             removed.append(str(p))
     if removed:
@@ -249,9 +249,25 @@ def _table_state(store: ItemStore, current: list[str]) -> dict:
     return {"parts": store.part_count(), "inputs": h.hexdigest()[:32]}
 
 
+REPORTS = "reports"  # <metrics dir>/reports/<stage>.json: the whole metrics dict, names and lists included
+
+
+def numbers_only(d: Any) -> Any:
+    """The numeric leaves (int, float, bool) of a nested dict, in its structure; None when there are none."""
+    if isinstance(d, (int, float)):
+        return d
+    if isinstance(d, dict):
+        out = {k: v for k, v in ((k, numbers_only(v)) for k, v in d.items()) if v is not None}
+        return out or None
+    return None
+
+
 def write_metrics(path, metrics: dict) -> None:
-    """DVC metrics file (deterministic: counts only, no timings)."""
-    atomic_write_json(path, metrics)
+    """The DVC metrics file: numbers only (counts, no timings: deterministic), so revisions and
+    experiments compare column by column; the whole dict (model names, fingerprints, lists) goes to
+    `reports/<name>` beside it."""
+    atomic_write_json(path, numbers_only(metrics) or {})
+    atomic_write_json(path.parent / REPORTS / path.name, metrics)
 
 
 def join_inputs(ctx: Context, base: str, also: tuple[str, ...] = (), columns: tuple[str, ...] = ()) -> list[dict]:

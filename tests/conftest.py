@@ -147,7 +147,8 @@ def s3(s3_server, monkeypatch, request):
 # `make test` runs two workers (`-n 2 --dist loadfile`): each file stays whole on one worker (its
 # module fixtures, such as a two-node Ray cluster, are built once per file), and the longest files
 # are handed out first so that none of them starts last and runs alone at the end.
-LONGEST_FIRST = ("test_resume_and_dvc", "test_train_cluster", "test_cluster", "test_incremental", "test_training",
+LONGEST_FIRST = ("test_resume_and_dvc", "test_train_cluster", "test_cluster", "test_personalize_cluster",
+                 "test_incremental", "test_training",
                  "test_storage", "test_team_mlflow", "test_crash_consistency")
 
 

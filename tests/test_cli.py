@@ -124,3 +124,90 @@ def test_build_from_params_runs_the_configured_data_stages(tmp_path, sample_raw)
     r = subprocess.run(PERSONA + ["stage", "dedup", "--params", str(params)],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0 and "computed=0" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------- help, version, params errors
+
+
+def _walk(parser, path=("persona",)):
+    """(command path, action) for every argument of every (sub)command of `parser`."""
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        yield path, a
+        if isinstance(a, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in a._choices_actions}
+            for name, sub in a.choices.items():
+                yield path + (name,), argparse.Namespace(help=helps.get(name), option_strings=[], dest=name)
+                yield from _walk(sub, path + (name,))
+
+
+def test_every_command_and_option_has_help():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    seen, missing = 0, []
+    for path, a in _walk(build_parser()):
+        seen += 1
+        if not a.help or a.help == argparse.SUPPRESS or not str(a.help).strip():
+            missing.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
+    assert seen > 100 and not missing, missing  # every registered command's options are walked
+
+
+def test_version():
+    r = subprocess.run(PERSONA + ["--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("persona 0.1.0"), r.stdout + r.stderr
+
+
+def test_jobs_help_names_no_internals_and_explains_submit():
+    import re
+
+    out = subprocess.run(PERSONA + ["jobs", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "[submit]" in out and "persona train submit" in out and "--submit" in out
+    # no Python identifiers of the implementation (function names, snake_case calls)
+    assert not re.search(r"\b[a-z]+_[a-z_]+\(", out) and "submit_and_wait" not in out and "add_submit_options" not in out, out
+    out = subprocess.run(PERSONA + ["train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "persona train submit ..." in " ".join(out.split())  # the optional positional says what it is
+
+
+def test_float_params_written_like_1e_4_and_did_you_mean():
+    from pipeline.config import ConfigError, params_from_dict
+    from training.config import train_params
+
+    raw = yaml.safe_load("train:\n  methods:\n    wplus:\n      stage1: {lr: 1e-4, weight_decay: 1E-2}\n")
+    assert raw["train"]["methods"]["wplus"]["stage1"]["lr"] == "1e-4"  # PyYAML: a string
+    s1 = train_params(raw).phase("wplus", "stage1")
+    assert s1.lr == 1e-4 and isinstance(s1.lr, float) and s1.weight_decay == 0.01
+    assert train_params({}, {"wplus.stage1.lr": yaml.safe_load("3e-5")}).phase("wplus", "stage1").lr == 3e-5
+    assert params_from_dict(yaml.safe_load("align: {min_detection_confidence: 5e-1}")).align.min_detection_confidence == 0.5
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        train_params({}, {"wplus.stage1.lr": "fast"})
+    with pytest.raises(ConfigError, match="expected an integer"):  # integers stay integers
+        train_params({}, {"wplus.stage1.max_steps": "1e3"})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.methods.wplus.stage1.lrr' \(did you mean 'lr'\?\)"):
+        train_params({"train": {"methods": {"wplus": {"stage1": {"lrr": 1}}}}})
+    with pytest.raises(ConfigError, match=r"override 'wplsu.stage1.lr' \(did you mean 'wplus'\?\)"):
+        train_params({}, {"wplsu.stage1.lr": 1e-4})
+    with pytest.raises(ConfigError, match=r"unknown key 'allign' \(did you mean 'align'\?\)"):
+        params_from_dict({"allign": {}})
+    with pytest.raises(ConfigError) as e:  # nothing close: no guess
+        params_from_dict({"zzzzzz": {}})
+    assert "did you mean" not in str(e.value)
+
+
+def test_every_dvc_stage_runs_the_projects_interpreter():
+    """`.venv/bin/dvc repro` works without an activated venv: every stage command starts with
+    `${persona}`, which puts the project's .venv/bin first on PATH (and falls back to PATH)."""
+    from tests.conftest import REPO
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (var,) = [v for v in dvc["vars"] if isinstance(v, dict) and "persona" in v]
+    assert var["persona"] == 'PATH="$(pwd)/.venv/bin:$PATH" persona'
+    cmds = [(name, (st.get("do") or st)["cmd"]) for name, st in dvc["stages"].items()]
+    assert cmds and all(c.startswith("${persona} ") for _, c in cmds), [n for n, c in cmds if not c.startswith("${persona} ")]
+    # the metrics and plot CSVs are committed (not git-ignored), so revisions and experiments compare
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "/metrics/" not in ignored and "/plots/" not in ignored

@@ -268,8 +268,8 @@ def test_lost_worker_node_mid_stage_every_item_once(sample_raw, tmp_path):
     assert sum(run["nodes"].values()) == run["computed"] == n
 
 
-RAY_STAGES = ("ingest", "align", "masks", "caption", "wplus", "identity")  # actor pools (dedup, shards: driver)
-DATA_STAGES = ("ingest", "dedup", "align", "caption", "identity", "masks", "wplus", "shards")  # pipeline order
+RAY_STAGES = ("ingest", "align", "masks", "caption", "wplus", "identity", "expression")  # actor pools (dedup, shards: driver)
+DATA_STAGES = ("ingest", "dedup", "align", "caption", "expression", "identity", "masks", "wplus", "shards")  # pipeline order
 
 
 @pytest.mark.slow
@@ -288,7 +288,7 @@ def test_data_stages_on_cluster_with_s3_root_match_in_process(cluster, s3, s3_se
         "runtime": {"executor": "ray", "workers": 2, "inline_below": 0, "part_size": 2, "progress": False, "address": None},
         "ingest": {"batch_size": 1, "sources": [{"name": "sample", "path": str(sample_raw / "sample")}]},
         "align": {"batch_size": 1}, "masks": {"batch_size": 2}, "caption": {"batch_size": 2},
-        "wplus": {"batch_size": 1, "input_size": 128}, "identity": {"batch_size": 2},
+        "wplus": {"batch_size": 1, "input_size": 128}, "identity": {"batch_size": 2}, "expression": {"batch_size": 1},
     }))
     root = f"{s3}/data"
     env = {**cluster.env, **s3_server.env}

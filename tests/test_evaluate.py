@@ -105,11 +105,15 @@ def test_evaluate_stage_on_tiny_shards_reports_missing_metrics_and_logs_to_the_t
         "adapter": str(adapter), "shards": str(shards), "max_identities": 2, "faces_per_identity": 1,
         "prompts": ["a photo of a face", "a face at night"], "steps": 2, "device": "cpu", "batch_size": 3,
         "metrics_out": str(tmp_path / "metrics" / "evaluate.json"), "grid_out": str(tmp_path / "plots" / "grid.png"),
-        "images_out": str(tmp_path / "eval"), "control": {"max_faces_per_identity": 2}}}))
+        "report_out": str(tmp_path / "report.json"), "images_out": str(tmp_path / "eval"),
+        "control": {"max_faces_per_identity": 2}}}))
     assert main(["evaluate", "--params", str(params)]) == 0
 
-    res = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    res = json.loads((tmp_path / "report.json").read_text())  # the full report
     m = res["metrics"]
+    # the DVC metrics file: the numbers only, one column each for `dvc metrics diff` / `dvc exp show`
+    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text()) == {
+        k: v["value"] for k, v in m.items() if v["value"] is not None}
     # the tiny random model draws no faces: similarity 0 (no face counts 0) and detection 0 are the honest values
     assert m["identity_similarity"] == {"value": 0.0, "n": 4, "no_face_counts_as": 0.0}
     assert m["face_detection_rate"] == {"value": 0.0, "n": 4}
@@ -123,7 +127,8 @@ def test_evaluate_stage_on_tiny_shards_reports_missing_metrics_and_logs_to_the_t
     assert res["weights_real"] is False and "RANDOM WEIGHTS" in res["warning"]
     assert "base.unet" in res["random_weights"] and "shards.wplus" in res["random_weights"] and res["method"] == "wplus"
     assert res["eval_set"]["identities"] == ["synthetic_004", "synthetic_005"] and len(res["samples"]) == 4
-    assert res["adapter"]["sha256"] and res["mlflow"] == {"tracking_uri": uri, "run_id": run_id, "new_run": False}
+    assert res["adapter"]["sha256"] and res["mlflow"] == {"tracking_uri": uri, "run_id": run_id, "new_run": False,
+                                                          "model_id": None}  # the adapter was not logged as a model
     assert len(list((tmp_path / "eval").rglob("*.png"))) == 4
     from PIL import Image
 
@@ -135,7 +140,11 @@ def test_evaluate_stage_on_tiny_shards_reports_missing_metrics_and_logs_to_the_t
     assert run.data.metrics["eval.control_same_identity"] == pytest.approx(m["control_same_identity"]["value"])
     assert "eval.clip_t" not in run.data.metrics and "CLIP" in run.data.tags["eval.missing.clip_t"]
     assert run.data.tags["eval.set"] == res["eval_set"]["id"] and run.data.tags["eval.weights_real"] == "false"
-    assert sorted(a.path for a in client.list_artifacts(run_id, "evaluation")) == ["evaluation/evaluate.json", "evaluation/grid.png"]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "evaluation")) == [
+        "evaluation/evaluate.json", "evaluation/grid.png", "evaluation/report.json"]
+    # the metrics refer to the evaluation set, logged as the run's dataset input
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "eval-set" and ds.dataset.digest == res["eval_set"]["id"]
 
 
 def test_eval_set_id_changes_with_faces_and_protocol(tmp_path):
@@ -169,7 +178,7 @@ def test_identities_from_shard_metadata_cannot_write_outside_images_out(tmp_path
     write_tar(tmp_path / "shards" / "val" / "val-000000.tar", (encoded_members(x) for x in samples))
     out = tmp_path / "eval" / "images"
     cfg = evaluate_config({"shards": str(tmp_path / "shards"), "prompts": ["a face"], "steps": 1, "device": "cpu",
-                           "images_out": str(out), "metrics_out": str(tmp_path / "m.json"),
+                           "images_out": str(out), "metrics_out": str(tmp_path / "m.json"), "report_out": str(tmp_path / "r.json"),
                            "grid_out": str(tmp_path / "g.png"), "control": {"enabled": False}})
     gen = Generator.load(str(make_tiny_adapter(tmp_path / "adapter")), device="cpu", dtype="fp32")
     res = evaluate(cfg, generator=gen, scorer=scorer, log_mlflow=False)

@@ -247,3 +247,28 @@ def test_adapter_resolution_errors(adapter_dir, tmp_path, capsys):
     # W+ needs reference photos or a code: a clear one-line error
     assert main(["generate", "--adapter", str(adapter_dir), "--prompt", "x", "--device", "cpu"]) == 1
     assert "give reference photo(s) or --input wplus=CODE.npy" in capsys.readouterr().err
+
+
+def test_image_to_image_from_a_content_photo_is_generic_and_reruns(sample_raw, adapter_dir, tmp_path, capsys):
+    """--content / --strength with any method (here W+ with its own input): img2img from the same
+    components, the output keeps the photo's aspect, strength matters, the record re-runs."""
+    wfile = tmp_path / "code.npy"
+    np.save(wfile, _w(3))
+    photo = sample_raw / "unlabeled" / "gdp.jpg"  # portrait 500 x 665
+    base = ["generate", "--adapter", str(adapter_dir), "--input", f"wplus={wfile}", "--content", str(photo),
+            "--prompt", "a face", "--steps", "4", "--scheduler", "dpm++", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*base, "--strength", "0.5", "--name", "half"]) == 0
+    assert main([*base, "--strength", "1.0", "--name", "full"]) == 0
+    half, full = (json.loads((tmp_path / f"{n}-p00-seed0.json").read_text()) for n in ("half", "full"))
+    assert (half["image"]["height"], half["image"]["width"]) == (88, 64)
+    c = half["content"]
+    assert c["strength"] == 0.5 and c["photo_sha256"] == sha256_file(photo) and "instances" not in c
+    assert decode_image((tmp_path / c["file"]).read_bytes()).shape == (88, 64, 3)
+    assert half["image"]["sha256"] != full["image"]["sha256"]
+    assert main(["generate", "--from-json", str(tmp_path / "half-p00-seed0.json"), "--check"]) == 0
+    assert "IDENTICAL" in capsys.readouterr().out
+    # --assign needs several identities; --mix is --weights; a flag neither generate nor the method declares is refused
+    with pytest.raises(SystemExit, match="--assign goes with --content and several --ref"):
+        main([*base, "--assign", "1"])
+    with pytest.raises(SystemExit, match=r"unrecognized arguments: --frobnicate 3 \(the flags of method 'wplus': none\)"):
+        main([*base, "--frobnicate", "3"])

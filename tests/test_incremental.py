@@ -329,7 +329,7 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next(project):
     d = project / "data/masks"
     orphans = [d / "parts/.part-000099.parquet.k2j3.tmp", d / ".tmp/.x.mask.png.a1b2.tmp",
                d / ".table.parquet.zz9.tmp", project / "data/runs/.masks.json.q1.tmp",
-               project / "metrics/.masks.json.w2.tmp"]
+               project / "metrics/.masks.json.w2.tmp", project / "metrics/reports/.masks.json.r3.tmp"]
     for o in orphans:
         o.parent.mkdir(parents=True, exist_ok=True)
         o.write_bytes(b"half a file")
@@ -349,7 +349,7 @@ def test_dvc_deps_cover_each_data_stage_import_closure():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for st in plugins.data_stages():
         entry = stages[st.name]
-        assert entry["cmd"] == f"persona stage {st.name}"
+        assert entry["cmd"] == f"${{persona}} stage {st.name}"  # the project's interpreter (vars.persona)
         deps = [d for d in entry["deps"] if not d.startswith("${")]
         for f in import_closure(st.run.__module__):
             rel = f.relative_to(REPO).as_posix()

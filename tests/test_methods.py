@@ -244,8 +244,10 @@ def test_a_method_defined_outside_the_package_trains_saves_loads_generates_evalu
     # identity-grouped batches: 2 identities x 2 faces, labelled by global group index
     assert [b["group"] for b in seen.batches] == [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]
     assert all(set(m) == {"loss", "loss_rec", "loss_group"} for m in seen.metrics)
-    rows = (tmp_path / "plots" / "train_toy_main.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,rec,group" and len(rows) == 4
+    plots = tmp_path / "plots" / "train_toy_main"  # one DVC plot per logged series, every term of the method
+    assert {f.name for f in plots.glob("*.csv")} >= {"loss.csv", "loss_rec.csv", "loss_group.csv", "lr.csv"}
+    rows = (plots / "loss_group.csv").read_text().splitlines()
+    assert rows[0] == "step,loss_group" and len(rows) == 4
 
     # the file alone rebuilds the method
     path = Path(res["adapter"])
@@ -281,9 +283,10 @@ def test_a_method_defined_outside_the_package_trains_saves_loads_generates_evalu
 
     cfg = evaluate_config({"shards": str(shards), "prompts": ["a face"], "steps": 1, "device": "cpu", "references": 2,
                            "images_out": str(tmp_path / "eval" / "{method}"), "metrics_out": str(tmp_path / "ev_{method}.json"),
+                           "report_out": str(tmp_path / "report_{method}.json"),
                            "grid_out": str(tmp_path / "grid.png"), "control": {"enabled": False}})
     ev = evaluate(cfg, generator=gen, scorer=NoFaces(), log_mlflow=False)
-    assert ev["method"] == "toy" and (tmp_path / "ev_toy.json").is_file() and len(ev["samples"]) == 2
+    assert ev["method"] == "toy" and (tmp_path / "report_toy.json").is_file() and len(ev["samples"]) == 2
     assert all(str(tmp_path / "eval" / "toy") in s["file"] for s in ev["samples"])
     reg = Registry(RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
                                   artifact_location=str(tmp_path / "mlartifacts")))

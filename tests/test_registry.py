@@ -18,6 +18,7 @@ from training.registry import (
     RegistryError,
     gate,
     metric_tags,
+    metric_values,
     resolve_uris,
     tag_metrics,
 )
@@ -85,7 +86,9 @@ def test_gate_rules():
 
 
 def test_metric_tags_round_trip_and_uri_resolution(monkeypatch):
-    tags = metric_tags({"a": {"value": 0.25}, "b": {"value": None, "missing": "no CLIP"}, "c": {"value": float("nan")}})
+    ev = {"a": {"value": 0.25}, "b": {"value": None, "missing": "no CLIP"}, "c": {"value": float("nan")}}
+    assert metric_values(ev) == ({"a": 0.25}, {"b": "no CLIP", "c": "no value"})
+    tags = metric_tags(ev)  # versions registered before MLflow models are still read
     assert tags == {"metric.a": "0.25", "metric.b": "missing: no CLIP", "metric.c": "missing: no value"}
     assert tag_metrics({**tags, "other": "x"}) == {"a": 0.25, "b": None, "c": None}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -116,15 +119,20 @@ def test_register_promote_refuse_rollback_on_a_local_store(tmp_path, monkeypatch
     assert main(["registry", "register", "--adapter", str(ad), "--metrics", _write(tmp_path / "e1.json", evaluation(ad, 0.30)), *cli]) == 0
     out = json.loads((tmp_path / "register.json").read_text())
     assert out["version"] == "1" and out["run_id"] == run_id and out["reused_training_run"] is True
-    assert out["source"].endswith("/adapter") and out["alias"] == "candidate"
-    assert sorted(a.path for a in client.list_artifacts(run_id, "adapter")) == ["adapter/adapter.json", "adapter/adapter.safetensors"]
+    assert out["source"] == f"models:/{out['model_id']}" and out["alias"] == "candidate"  # a version of an MLflow model
+    model = client.get_logged_model(out["model_id"])
+    assert model.source_run_id == run_id and [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
     reg = Registry(RegistryConfig(model_name=NAME, tracking_uri=uri))
     v1 = reg.show(NAME, "candidate")
     assert v1["metrics"] == {"identity_similarity": 0.30, "face_detection_rate": 0.5, "clip_t": None}
+    # the numbers are real MLflow metrics of the model (searchable), not tags; a missing one says why
+    assert {m.key: m.value for m in model.metrics} == {"eval.identity_similarity": 0.30, "eval.face_detection_rate": 0.5}
+    assert client.search_logged_models([exp], filter_string="metrics.`eval.identity_similarity` > 0.2")[0].model_id == model.model_id
     t = v1["tags"]
     assert t["eval_set"] == "E1" and t["method"] == "wplus" and t["phase"] == "stage2" and t["weights_real"] == "false"
     assert t["git_commit"] == "test" and t["shards_hash"] == "test-shards" and len(t["params_hash"]) == 16
-    assert t["adapter_sha256"] == sha256_file(ad / "adapter.safetensors") and t["metric.clip_t"].startswith("missing: ")
+    assert t["adapter_sha256"] == sha256_file(ad / "adapter.safetensors") and t["missing.clip_t"] == "no CLIP checkpoint configured"
+    assert not any(k.startswith("metric.") for k in t)
 
     # same adapter + same evaluation again: the same version, no duplicate
     assert reg.register(ad, evaluation=evaluation(ad, 0.30))["reused_version"] is True
@@ -220,7 +228,12 @@ def test_registry_and_generation_over_http_against_a_real_mlflow_server(mlflow_s
 
     r1 = register(a, 0.30, "a")
     assert r1["version"] == "1" and r1["reused_training_run"] is False and r1["tracking_uri"] == mlflow_server.url
-    assert r1["source"].startswith("mlflow-artifacts:/")  # artifacts went through the server
+    from mlflow import MlflowClient
+
+    model = MlflowClient(mlflow_server.url).get_logged_model(r1["model_id"])  # an MLflow model over HTTP
+    assert r1["source"] == f"models:/{model.model_id}" and str(model.status) == "READY"
+    assert model.artifact_location.startswith("mlflow-artifacts:/")  # artifacts went through the server
+    assert {m.key: m.value for m in model.metrics} == {"eval.identity_similarity": 0.30, "eval.face_detection_rate": 0.5}
     assert main(["registry", "promote", *cli]) == 0
     assert register(b, 0.45, "b")["version"] == "2"
     assert main(["registry", "promote", *cli]) == 0  # the better one is promoted

@@ -136,6 +136,7 @@ def _item_stages(proj: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the data DAG, then every method trained, evaluated and registered
 def test_dvc_repro_noop_then_one_new_photo_costs_one_item(tmp_path, sample_raw):
     proj = _dvc_project(tmp_path, sample_raw)
     r = subprocess.run(["dvc", "repro", "shards"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=900)
@@ -200,11 +201,29 @@ def _check_sample_shards(shards: Path) -> None:
 
 def _full_repro_checks(proj: Path) -> None:
     """`dvc repro` end to end: training stages, evaluation and a registered candidate."""
-    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env=ENV, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     for phase in ("stage1", "stage2"):  # train@wplus-<phase>: the runs listed in params train.runs
         meta = json.loads((proj / "models" / "wplus" / phase / "adapter.json").read_text())
         assert meta["phase"] == phase and (proj / "models" / "wplus" / phase / "adapter.safetensors").exists()
         assert meta["lineage"]["shards_hash"] not in ("", "none", None)
-    assert json.loads((proj / "metrics" / "evaluate_wplus.json").read_text())["method"] == "wplus"
-    assert json.loads((proj / "metrics" / "register_wplus.json").read_text())["name"] == "persona-wplus"
+    assert json.loads((proj / "eval" / "wplus" / "report.json").read_text())["method"] == "wplus"
+    metrics = json.loads((proj / "metrics" / "evaluate_wplus.json").read_text())
+    assert "face_detection_rate" in metrics and all(isinstance(v, (int, float)) for v in metrics.values())
+    reg = json.loads((proj / "eval" / "wplus" / "register.json").read_text())
+    assert reg["name"] == "persona-wplus" and reg["source"] == f"models:/{reg['model_id']}"  # an MLflow model
+    # the training run's dataset input is the shards, with the md5 DVC recorded for them
+    from mlflow import MlflowClient
+
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["shards"]["outs"] if o["path"] == "data/shards")
+    meta = json.loads((proj / "models" / "wplus" / "stage2" / "adapter.json").read_text())
+    run = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").get_run(meta["mlflow"]["run_id"])
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "shards" and ds.dataset.digest == md5 == meta["lineage"]["shards_hash"]
+    assert json.loads(ds.dataset.source)["uri"] == str((proj / "data" / "shards").resolve())
+    # Hybrid guidance: trained, evaluated, registered, and its multi-person generation in plots/
+    assert json.loads((proj / "eval" / "hybrid_guidance" / "register.json").read_text())["name"] == "persona-hybrid_guidance"
+    group = json.loads((proj / "plots" / "hybrid_guidance_group" / "group-p00-seed0.json").read_text())
+    assert group["method"] == "hybrid_guidance" and len(group["content"]["assignment"]) == 3
+    assert (proj / "plots" / "hybrid_guidance_group" / "group-p00-seed0.png").is_file()

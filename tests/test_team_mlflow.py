@@ -237,7 +237,7 @@ def test_register_promote_refuse_rollback_as_admin(team, flow):
     r1, r2, r3 = flow["reg1.json"], flow["reg2.json"], flow["reg3.json"]
     assert [r["version"] for r in (r1, r2, r3)] == ["1", "2", "3"]
     assert r1["reused_training_run"] is True and r1["run_id"] == trained["run_id"]  # the training run, on the server
-    assert all(r["source"].startswith("mlflow-artifacts:/") for r in (r1, r2, r3))  # served artifacts
+    assert all(r["source"] == f"models:/{r['model_id']}" for r in (r1, r2, r3))  # versions of MLflow models
     assert flow["promote1"][0] == 0 and "first champion" in flow["promote1"][1]
     assert flow["promote2"][0] == 0 and "persona-wplus@champion -> version 2" in flow["promote2"][1]
     rc, out, err = flow["promote3"]
@@ -247,7 +247,9 @@ def test_register_promote_refuse_rollback_as_admin(team, flow):
 
     # the artifacts are objects in the S3 bucket behind the server (training run and registrations)
     keys = _bucket_keys(team)
-    assert any(k.endswith("adapter/adapter.safetensors") and trained["run_id"] in k for k in keys), keys
+    # the trained adapter's MLflow model (logged by training, registered as v1) and one model per other adapter
+    assert r1["model_id"] == trained["model_id"] and r2["model_id"] != r1["model_id"] != r3["model_id"]
+    assert any(k.endswith("adapter/adapter.safetensors") and trained["model_id"] in k for k in keys), keys
     assert sum(k.endswith("adapter/adapter.safetensors") for k in keys) == 3
 
     from training.registry import Registry, RegistryConfig
@@ -256,6 +258,9 @@ def test_register_promote_refuse_rollback_as_admin(team, flow):
         reg = Registry(RegistryConfig(model_name=NAME))
         assert reg.show(NAME)["version"] == "2" and reg.show(NAME, "candidate")["version"] == "3"
         assert reg.show(NAME)["champion_history"] == ["1"]
+        for r in (r1, r2, r3):  # served artifacts
+            assert reg.client.get_logged_model(r["model_id"]).artifact_location.startswith("mlflow-artifacts:/")
+        assert reg.show(NAME, "1")["metrics"]["identity_similarity"] == 0.30  # a metric of the model
 
 
 def _bucket_keys(team) -> list[str]:

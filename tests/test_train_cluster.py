@@ -139,7 +139,7 @@ def test_killed_worker_resumes_from_last_reported_checkpoint(ray_local, tmp_path
     assert Path(res["adapter"]).is_file()
     rec = json.loads(Path(res["adapter_json"]).read_text())
     assert rec["global_step"] == 4
-    rows = Path(tmp_path / "plots" / "train_wplus_stage1.csv").read_text().splitlines()[1:]
+    rows = Path(tmp_path / "plots" / "train_wplus_stage1" / "loss.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [0, 1, 2, 3]  # history restored: each step once, no gap
 
 

@@ -214,12 +214,29 @@ def test_train_from_real_shards_through_the_datamodule(tmp_path, shards_dir):
 
     r1 = train(p, "wplus", "stage1", max_steps=3)
     assert r1["global_step"] == 3 and r1["data"]["train_samples"] == 8
-    rows = (tmp_path / "plots" / "train_wplus_stage1.csv").read_text().splitlines()
-    assert rows[0] == "step,loss" and len(rows) == 4
-    r2 = train(p, "wplus", "stage2", max_steps=2)
-    assert (tmp_path / "plots" / "train_wplus_stage2.csv").read_text().startswith("step,loss,rec,dis,reg")
+    # the DVC plots come from Lightning's CSVLogger: one file per series, every logged step
+    rows = (tmp_path / "plots" / "train_wplus_stage1" / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [int(r.split(",")[0]) for r in rows[1:]] == [0, 1, 2]
+    assert (tmp_path / "checkpoints" / "wplus" / "stage1" / "csv" / "metrics.csv").is_file()
+    r2 = train({**p, "train": {**p["train"], "mlflow": {**p["train"]["mlflow"], "enabled": True}}}, "wplus", "stage2",
+               max_steps=2)
+    plots = tmp_path / "plots" / "train_wplus_stage2"
+    assert sorted(f.name for f in plots.iterdir()) == ["loss.csv", "loss_dis.csv", "loss_rec.csv", "loss_reg.csv",
+                                                        "lr.csv", "samples_per_sec.csv"]
+    assert (tmp_path / "plots" / "train_wplus_stage2_samples.png").is_file()
+    assert (plots / "loss_dis.csv").read_text().startswith("step,loss_dis\n0,")
     m = json.loads((tmp_path / "metrics" / "train_wplus_stage2.json").read_text())
-    assert m["global_step"] == 2 and np.isfinite(m["loss"]) and m["weights_random"] is True
+    assert m["global_step"] == 2 and np.isfinite(m["loss"]) and m["loss_rec_last10_mean"] > 0 and m["samples_per_s"] > 0
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values()), m  # DVC metrics: numbers
+    # the shards are the run's MLflow dataset input (not a DVC output here: digest = the data signature)
+    from mlflow import MlflowClient
+
+    run = MlflowClient(p["train"]["mlflow"]["tracking_uri"]).get_run(r2["run_id"])
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "shards" and json.loads(ds.dataset.source)["uri"].endswith(str(shards_dir))
+    assert {t.key: t.value for t in ds.tags} == {"mlflow.data.context": "training", "persona.digest": "persona-data-signature",
+                                                "persona.train_samples": "8"}
+    assert "wplus.npy" in ds.dataset.schema
 
 
 def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
@@ -248,7 +265,7 @@ def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
     assert rec["conditioner"]["cross_dim"] == 32 and rec["lineage"]["shards_hash"] == "none"
     assert len(rec["lineage"]["git_commit"]) in (40, len("unknown"))
     assert rec["weights_real"]["diffusion.unet"] is False and rec["weights_real"]["diffusion.scheduler"] is True
-    assert rec["mlflow"]["run_id"] == r2["run_id"] != r1["run_id"]
+    assert rec["mlflow"]["run_id"] == r2["run_id"] != r1["run_id"] and rec["mlflow"]["model_id"] == r2["model_id"]
     assert rec["mlflow"]["tracking_uri"] == p["train"]["mlflow"]["tracking_uri"]
 
     client = MlflowClient(rec["mlflow"]["tracking_uri"])
@@ -260,18 +277,27 @@ def test_stage2_from_stage1_tracked_in_mlflow(tmp_path):
     assert run.data.tags["weights_real.diffusion.unet"] == "false"
     assert run.data.params["phase.l_dis"] == "1.5" and run.data.params["phase.augment"] == "both"
     assert run.data.params["phase"] == "stage2" and run.data.params["method.conditioner.bias"] == "False"
-    for k in ("loss", "loss_rec", "loss_dis", "loss_reg", "lr"):
+    for k in ("loss", "loss_rec", "loss_dis", "loss_reg", "lr"):  # Lightning's logger and LearningRateMonitor
         hist = client.get_metric_history(r2["run_id"], k)
-        assert len(hist) == 3, k
+        assert [h.step for h in hist] == [0, 1, 2], k
         assert all(np.isfinite(h.value) for h in hist)
-    assert client.get_metric_history(r2["run_id"], "samples_per_s")
+    assert client.get_metric_history(r2["run_id"], "train/device/samples_per_sec")  # ThroughputMonitor
     assert client.get_metric_history(r2["run_id"], "lr")[-1].value == pytest.approx(1e-4)
-    arts = {a.path for a in client.list_artifacts(r2["run_id"], "adapter")}
-    assert arts == {"adapter/adapter.safetensors", "adapter/adapter.json"}
+    assert sorted(a.path for a in client.list_artifacts(r2["run_id"], "plots"))[:2] == ["plots/loss.csv", "plots/loss_dis.csv"]
     grids = sorted(a.path for a in client.list_artifacts(r2["run_id"], "samples"))
     assert grids == ["samples/step_000002.png", "samples/step_000003.png"]
-    local = Path(client.download_artifacts(r2["run_id"], "adapter/adapter.safetensors", str(tmp_path / "dl")))
-    assert torch.equal(read_adapter_file(local)[0][attn[0]], t2[attn[0]])
+    # the adapter is an MLflow model of the run (pyfunc), holding the adapter files
+    model = client.get_logged_model(r2["model_id"])
+    assert model.source_run_id == r2["run_id"] and str(model.status) == "READY" and model.tags["phase"] == "stage2"
+    assert [o.model_id for o in run.outputs.model_outputs] == [r2["model_id"]]
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "dl"),
+                                                     tracking_uri=rec["mlflow"]["tracking_uri"]))
+    assert (local / "MLmodel").is_file() and (local / "artifacts" / "kit.yaml").is_file()
+    got, _ = read_adapter_file(local / "artifacts" / "adapter" / "adapter.safetensors")
+    assert torch.equal(got[attn[0]], t2[attn[0]])
+    assert json.loads((local / "artifacts" / "adapter" / "adapter.json").read_text())["mlflow"]["model_id"] == r2["model_id"]
     assert str(tmp_path / "mlartifacts") in run.info.artifact_uri  # explicit artifact location
     # stage I's run has no loss_rec (noise MSE only) but the same lineage tags
     run1 = client.get_run(r1["run_id"])
@@ -414,7 +440,8 @@ def _ckpts(d: Path) -> list[Path]:
 
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     steps = 30
-    sec = {"stage1": {"max_steps": steps, "checkpoint_every": 4, "keep_last": 2, "log_every": 5}}
+    # a logged step at every checkpoint: Lightning logs it after the checkpoint is saved (training.logs.CSVResume)
+    sec = {"stage1": {"max_steps": steps, "checkpoint_every": 4, "keep_last": 2, "log_every": 4}}
     # uninterrupted reference (in-process: same code path, 1 thread both ways)
     ref = train(make_params(tmp_path / "ref", **sec), "wplus", "stage1")
     assert ref["global_step"] == steps
@@ -457,6 +484,24 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert len(_ckpts(ckdir)) == 2 and (ckdir / "last.ckpt").resolve().name == f"step={steps:06d}.ckpt"
+    # the CSV behind the DVC plots holds every logged step once, with the uninterrupted run's values
+    for series in ("loss.csv", "lr.csv"):
+        want_rows = (tmp_path / "ref" / "plots" / "train_wplus_stage1" / series).read_text()
+        assert (run / "plots" / "train_wplus_stage1" / series).read_text() == want_rows, series
+    assert [r.split(",")[0] for r in want_rows.splitlines()[1:]] == [str(s) for s in range(3, steps, 4)]
+
+
+def test_rerun_of_a_finished_phase_keeps_its_logged_history(tmp_path):
+    """DVC reruns a finished phase when an unrelated param of its method changes: it resumes at
+    max_steps, trains nothing, and its CSV, plots and metrics still hold every logged step."""
+    p = make_params(tmp_path, stage1={"max_steps": 3, "checkpoint_every": 3})
+    first = train(p, "wplus", "stage1")
+    plots = tmp_path / "plots" / "train_wplus_stage1"
+    before = {f.name: f.read_text() for f in plots.glob("loss*.csv")}
+    again = train(p, "wplus", "stage1")
+    assert again["metrics"]["resumed_from_step"] == 3 and again["global_step"] == 3
+    assert {f.name: f.read_text() for f in plots.glob("loss*.csv")} == before and before["loss.csv"].count("\n") == 4
+    assert again["metrics"]["loss"] == first["metrics"]["loss"] and again["metrics"]["loss_first"] == first["metrics"]["loss_first"]
 
 
 def split_shards(root: Path, n_shards: int, per_shard: int, size: int = 64) -> dict[str, str]:

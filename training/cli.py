@@ -94,8 +94,8 @@ def _cmd_train(args) -> int:
         res = train(args.params, method.name, phase, max_steps=args.max_steps, fast_dev_run=args.fast_dev_run,
                     overrides=overrides, resume=args.resume)
     if args.json:
-        keep = ("method", "phase", "global_step", "adapter", "adapter_json", "run_id", "tracking_uri", "resumed_from",
-                "metrics", "seconds")
+        keep = ("method", "phase", "global_step", "adapter", "adapter_json", "run_id", "model_id", "tracking_uri",
+                "resumed_from", "metrics", "seconds")
         print(json.dumps({k: res.get(k) for k in keep}, indent=2, default=str))
     return 0
 

@@ -153,7 +153,11 @@ def expand_key(key: str) -> str:
 
     if head in methods.names():
         return f"{SECTION}.methods.{key}"
-    raise ConfigError(f"override '{key}': must start with 'train.' or a method name ({', '.join(methods.names())})")
+    import difflib
+
+    close = difflib.get_close_matches(head, [SECTION, *methods.names()], n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"override '{key}'{hint}: must start with 'train.' or a method name ({', '.join(methods.names())})")
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -206,7 +210,7 @@ def _validate(tp: TrainParams) -> TrainParams:
             validate_phase(f"train.methods.{name}.{phase}", pc)
         check = getattr(cfg, "validate", None)
         if check is not None:
-            check()
+            check(f"train.methods.{name}")
     return tp
 
 

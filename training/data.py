@@ -5,7 +5,8 @@ decoded, by `pipeline.shard_reader`; with `train.jpeg_draft` JPEGs at about the 
 `Phase.decode_sizes`), how a sample becomes an example (`Phase.example`; the
 conditioner inputs come from `Method.inputs([sample])`), how examples become a batch
 (`Phase.collate`) and which samples make a batch (`Phase.sampler`: `PlainSampler` or
-`IdentityGroupedSampler`).
+`IdentityGroupedSampler`). The phase reads the shard splits it names (`Phase.splits`, default the
+train split) and is bound to that source once per process (`Phase.bind`) before any batch.
 
 Determinism (exact resume). Batch `b` (micro-batch index; b = global_step * accumulate at the
 start of a run) is a pure function of (seed, b, rank, world): sample i of it has the global
@@ -23,7 +24,9 @@ r, r + W, ... (disjoint files per worker; the header index of every shard is sti
 process, for the data signature and the validation samples). Its local position l = b * B + i walks
 a permutation of its own samples (seed, epoch, r, W); the global position g, and with it every
 random draw, is as above. With fewer shards than workers every rank indexes all shards and the
-ranks read disjoint samples (the same global batch as one process).
+ranks read disjoint samples (the same global batch as one process). A sampler that needs every
+sample in every rank (`whole_source`, e.g. `IdentityGroupedSampler`: an identity's faces are spread
+over the shards) gets the whole source; its ranks draw disjoint groups by global group index.
 """
 from __future__ import annotations
 
@@ -56,6 +59,10 @@ VAL_EXTRA_KEYS = ("face.jpg", "txt")  # validation samples also read the aligned
 
 
 class Sampler(Protocol):
+    """Optional: `whole_source = True` (every rank indexes the whole dataset instead of its own shards)
+    and `describe(source) -> dict` (what the batches are drawn from: in the run's data record and,
+    its scalars, in the run's metrics as `sampler_<key>`)."""
+
     def slots(self, source: Any, b: int, rank: int, world: int, batch_size: int, seed: int,
               rank_source: bool) -> list[tuple[int, int]]:
         """[(source index, group label)] for the batch_size slots of batch b (label -1: no group)."""
@@ -96,42 +103,86 @@ class PlainSampler:
         return out
 
 
+SHORT_LISTED = 100  # short identities named in a sampler report (all are counted)
+
+
 class IdentityGroupedSampler:
     """Batches of `identities` groups of `per_identity` faces of ONE identity each, then `singles`
-    unlabeled faces (label -1). batch_size must be identities * per_identity + singles.
+    single faces (label -1). batch_size must be identities * per_identity + singles.
 
-    Group G = (b * world + rank) * identities + k (its global index): the identity is a per-epoch
-    permutation of the identities with labeled faces walked by G, its faces drawn (without
-    replacement when it has enough, else with) by rng(seed, G); the group label is G. The singles
-    walk a per-epoch permutation of the unlabeled faces (or of all faces when there are none) by
-    global position. With `rank_source` the walks use the rank's local counters over its own shards.
+    Group G = (b * world + rank) * identities + k (its global index; unique over steps and ranks):
+    the identity is a per-epoch permutation of the labeled identities walked by G, its faces drawn
+    (without replacement when it has enough, else with: such short identities are counted by
+    `describe`, never dropped) by rng(seed, G); the group label is G. An identity epoch holds a whole
+    number of global batches (world * identities groups; the remaining n mod that many identities sit
+    the epoch out, a different few each epoch), so the groups of one global step, over all ranks,
+    are distinct identities whenever there are at least world * identities of them.
+    Singles walk a per-epoch permutation of the unlabeled faces by global position; with fewer than
+    `min_unlabeled` unlabeled faces (default 1: none) the pool is every face (labeled ones too).
+    Every rank indexes the whole source (`whole_source`), so an identity's faces are never split over
+    ranks. With `rank_source` (a caller-given per-rank source) the walks use the rank's local
+    counters over its own samples.
     """
 
-    def __init__(self, identities: int, per_identity: int, singles: int = 0):
-        if identities < 1 or per_identity < 1 or singles < 0:
-            raise ValueError("IdentityGroupedSampler: identities, per_identity >= 1, singles >= 0")
+    whole_source = True  # PersonaDataModule: every rank indexes all shards (identities are not split by shard)
+
+    def __init__(self, identities: int, per_identity: int, singles: int = 0, min_unlabeled: int = 1):
+        if identities < 1 or per_identity < 1 or singles < 0 or min_unlabeled < 0:
+            raise ValueError("IdentityGroupedSampler: identities, per_identity >= 1, singles, min_unlabeled >= 0")
         self.k, self.m, self.s = int(identities), int(per_identity), int(singles)
-        self._groups: Optional[tuple[list[str], dict[str, list[int]], list[int]]] = None
+        self.min_unlabeled = int(min_unlabeled)
+        self._groups: Optional[tuple] = None
         self._perm_ids, self._perm_single = _Permutation(), _Permutation()
 
     def _index(self, source):
-        if self._groups is None or self._groups[3] is not source:
+        """(identity names, {identity: [indices]}, singles pool, pool kind, source), cached per source."""
+        if self._groups is None or self._groups[4] is not source:
             groups, unlabeled = source.by_identity()
             if not groups:
                 raise ValueError("identity-grouped batches need labeled faces; the source has none")
-            self._groups = (list(groups), groups, unlabeled or list(range(len(source))), source)
+            if len(unlabeled) >= max(1, self.min_unlabeled):
+                pool, kind = list(unlabeled), "unlabeled"
+            else:
+                pool, kind = list(range(len(source))), "all"
+            self._groups = (list(groups), groups, pool, kind, source)
         return self._groups
+
+    def epoch_size(self, n: int, world: int, rank_source: bool = False) -> int:
+        """Identities per identity epoch: n rounded down to whole global batches (n when fewer)."""
+        span = self.k * (1 if rank_source else world)
+        return n - n % span if n >= span else n
+
+    def describe(self, source, world: int = 1) -> dict[str, Any]:
+        """What the batches are drawn from: identity and face counts, the identities with fewer than
+        per_identity faces (their groups repeat faces), the singles pool. Logs a warning for short ones."""
+        names, groups, pool, kind, _ = self._index(source)
+        short = sorted(n for n in names if len(groups[n]) < self.m)
+        labeled = sum(len(v) for v in groups.values())
+        if short:
+            log.warning("identity-grouped batches: %d of %d identities have fewer than %d faces (their groups repeat "
+                        "faces): %s%s", len(short), len(names), self.m, ", ".join(short[:10]),
+                        " ..." if len(short) > 10 else "")
+        if self.s and kind == "all":
+            log.warning("identity-grouped batches: %d unlabeled face(s) (< min_unlabeled %d): the single faces "
+                        "come from all %d faces, labeled ones included", len(source) - labeled,
+                        max(1, self.min_unlabeled), len(source))
+        return {"identities": len(names), "identities_short": len(short), "short_identities": short[:SHORT_LISTED],
+                "per_identity": self.m, "groups_per_batch": self.k, "singles_per_batch": self.s,
+                "faces_labeled": labeled, "faces_unlabeled": len(source) - labeled, "singles_pool": kind,
+                "singles_pool_size": len(pool) if self.s else 0,
+                "identities_per_epoch": self.epoch_size(len(names), world)}
 
     def slots(self, source, b, rank, world, batch_size, seed, rank_source):
         if batch_size != self.k * self.m + self.s:
             raise ValueError(f"identity-grouped batch: batch_size {batch_size} != {self.k} x {self.m} + {self.s}")
-        names, groups, singles, _ = self._index(source)
+        names, groups, singles, _, _ = self._index(source)
         out: list[tuple[int, int]] = []
         unit = b if rank_source else b * world + rank
         tag = ("rank", rank, world) if rank_source else ()
+        n = self.epoch_size(len(names), world, rank_source)
         for k in range(self.k):
             G = unit * self.k + k
-            epoch, pos = divmod(G, len(names))
+            epoch, pos = divmod(G, n)
             ident = names[self._perm_ids(len(names), ("ids", seed, epoch, *tag), pos)]
             faces = groups[ident]
             rng = np.random.default_rng(seed_of("group", seed, G, *tag))
@@ -228,6 +279,14 @@ class PersonaDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_source is not None:
             return
+        self.load_sources()
+        # the phase bound to this run's data (`Phase.bind`): the loaders and the objective use it
+        self.phase = self.phase.bind(self.pcfg, self.train_source)
+        self.examples = Examples(self.method, self.phase, self.pcfg, self.cfg.resolution, draft=self.cfg.jpeg_draft)
+
+    def load_sources(self) -> None:
+        """The train source (the phase's splits of the shards, or synthetic samples), the validation
+        source and the data signature, without binding the phase (see `setup`)."""
         need = self.examples.keys
         if self.cfg.synthetic > 0:
             size = max(64, self.cfg.resolution)
@@ -237,15 +296,17 @@ class PersonaDataModule(L.LightningDataModule):
             self.signature = f"synthetic:{self.cfg.synthetic}:{self.cfg.seed}:{size}"
             return
         root = spath(self.cfg.shards)
-        train_urls = shard_urls(root, "train")
+        splits = tuple(self.phase.splits)
+        train_urls = list(dict.fromkeys(u for split in splits for u in shard_urls(root, split)))
         if not train_urls:
-            raise FileNotFoundError(f"no train shards under {root} (run the shards stage, or set train.synthetic)")
+            raise FileNotFoundError(f"no {'/'.join(splits)} shards under {root} (run the shards stage, or set "
+                                    "train.synthetic)")
         self.train_source = ShardIndex(train_urls, need)
         if self.train_source.skipped:
             log.warning("train shards: skipped samples %s", self.train_source.skipped)
         if len(self.train_source) == 0:
             raise ValueError(f"no usable train samples in {root} (skipped: {self.train_source.skipped})")
-        val_urls = shard_urls(root, "val")
+        val_urls = shard_urls(root, "val") if "val" not in splits else []
         val = ShardIndex(val_urls, tuple(dict.fromkeys(need + ("face.jpg",)))) if val_urls else None
         self.val_source = val if val is not None and len(val) else self.train_source
         idx = root / "index.json"
@@ -256,9 +317,13 @@ class PersonaDataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         self.setup()
-        return {"source": "synthetic" if self.cfg.synthetic > 0 else str(self.cfg.shards),
-                "train_samples": len(self.train_source), "val_samples": len(self.val_source),
-                "skipped": dict(self.train_source.skipped), "signature": self.signature}
+        out = {"source": "synthetic" if self.cfg.synthetic > 0 else str(self.cfg.shards),
+               "train_samples": len(self.train_source), "val_samples": len(self.val_source),
+               "skipped": dict(self.train_source.skipped), "signature": self.signature}
+        sampler = self.phase.sampler(self.pcfg)
+        if hasattr(sampler, "describe"):  # what the batches are drawn from (e.g. identities with too few faces)
+            out["sampler"] = sampler.describe(self.train_source)
+        return out
 
     def weights_real(self) -> dict[str, bool]:
         self.setup()
@@ -287,8 +352,13 @@ class PersonaDataModule(L.LightningDataModule):
         return self._rank_sources[key], True
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> StepBatches:
-        source, own = self.rank_source(rank, world)
-        return StepBatches(source, self.examples, self.phase.sampler(self.pcfg), self.pcfg.batch_size, self.cfg.seed,
+        sampler = self.phase.sampler(self.pcfg)
+        if getattr(sampler, "whole_source", False):  # e.g. identity groups: every rank indexes all shards
+            self.setup()
+            source, own = self.train_source, False
+        else:
+            source, own = self.rank_source(rank, world)
+        return StepBatches(source, self.examples, sampler, self.pcfg.batch_size, self.cfg.seed,
                            start=start, rank=rank, world=world, rank_source=own)
 
     def train_dataloader(self) -> DataLoader:

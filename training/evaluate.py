@@ -2,7 +2,10 @@
 
 Evaluation set: the labeled faces of the shards' `split` (default val; identity-disjoint from
 training), identities sorted by name, at most `max_identities`, the first `faces_per_identity`
-faces (by key) of each, read with the one shard reader (`pipeline.shard_reader`). Any method:
+faces (by key) of each, read with the one shard reader (`pipeline.shard_reader`); or, when the
+adapter names its evaluation faces (adapter.json `phase_record.evaluation_faces`, e.g. a
+per-identity fine-tune's held-out photos of its identity), exactly those faces, from any split.
+lambda (`scale`) unset: the adapter's default (adapter.json `scale`, set by its method). Any method:
 a face's conditioner inputs are the method's `inputs(references)` of its shard members (the face
 itself, or its first `references` faces of the same identity), its reference image `face.jpg`.
 Each face x each prompt x `num_images` seeds is generated with the adapter (the `generate` code
@@ -30,24 +33,37 @@ Metrics (every entry is {"value": number | null, "n": count, ...}; one that cann
                                 faces and the generated images (needs `fid_inception`: torchvision
                                 inception_v3 ImageNet state_dict; not comparable with published FIDs,
                                 which use the TF Inception, and unreliable for small n)
+  <method's own>                what `Method.extra_metrics(images, samples, references)` adds (e.g.
+                                the Identity Encoder's generation_diversity)
   control_same_identity         the CONTROL: ArcFace cosine between two real photos of the same
   control_different_identity    person / of different people, over the shards' labeled faces of
                                 all splits: what "same person" looks like to this ArcFace
+
+Methods: the model sees `Method.prompt(prompt, adapter)` of each evaluation prompt (e.g. with the
+method's identifier word; recorded per sample as `model_prompt` when it differs, and part of the
+evaluation-set id then); CLIP-T scores the prompt as written. `Method.evaluation_metrics(EvalRun)`
+adds method-specific metrics (same {"value", "n", "missing"} form) beside the generic ones.
 
 Reference embeddings: ArcFace of `face.jpg` aligned with the shard's `landmarks_aligned`; the
 shard's `id.npy` when those landmarks are unusable. Generated images: the largest detected face
 with real landmarks (`training.references.largest_face`, params `align.detector`), ArcFace-aligned
 from its 5 landmarks.
 
-Outputs: `metrics_out` (DVC metrics JSON), `grid_out` (reference | generated per prompt, one row
-per face), the images under `images_out`, and MLflow: metrics `eval.<name>` + tags + the two files
-logged to the adapter's training run (adapter.json mlflow.run_id) when it exists on the tracking
-server, else to a new run. With random weights anywhere (the tiny demo model, a random e4e) the
+Outputs: `metrics_out` (the DVC metrics: numbers only, `{"<metric>": value}` for each metric that has
+one, so revisions and experiments compare), `report_out` (the full report: adapter, evaluation set,
+every metric with its count or the reason it is missing, control details, scorers, per-image samples,
+warnings), `grid_out` (reference | generated per prompt, one row per face), the images under
+`images_out`, and MLflow: the metrics `eval.<name>`, tags and the files, logged to the adapter's
+training run (adapter.json mlflow.run_id) when it exists on the tracking server, else to a new run;
+when the adapter's MLflow model (adapter.json mlflow.model_id) is there, the metrics are the model's
+(MLflow 3 model metrics), and the evaluation set is the run's dataset input (context `evaluation`,
+digest = the evaluation-set id) the metrics refer to. With random weights anywhere (the tiny demo model, a random e4e) the
 results say `weights_real: false` and carry a warning: identity similarity 0 and detection rate 0
 are then the honest values.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -112,7 +128,7 @@ class EvaluateConfig:
     scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
     steps: int = 25
     guidance: float = 7.5
-    scale: float = 1.0  # lambda
+    scale: Optional[float] = None  # lambda; null -> the adapter's default (adapter.json scale, set by its method)
     delay_steps: int = 0
     negative_prompt: str = ""
     resolution: Optional[int] = None  # null -> the adapter's training resolution (else the UNet's native size)
@@ -124,7 +140,8 @@ class EvaluateConfig:
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     fid_inception: Optional[str] = None  # torchvision inception_v3 ImageNet state_dict
     control: ControlConfig = field(default_factory=ControlConfig)
-    metrics_out: str = "metrics/evaluate_{method}.json"
+    metrics_out: str = "metrics/evaluate_{method}.json"  # DVC metrics: numbers only
+    report_out: str = "eval/{method}/report.json"  # the full report (samples, reasons, warnings)
     grid_out: str = "plots/evaluate_{method}_grid.png"
     images_out: str = "eval/{method}/images"
     grid_tile: int = 128
@@ -165,7 +182,7 @@ def for_method(cfg: EvaluateConfig, method: str) -> EvaluateConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **{k: getattr(cfg, k).replace("{method}", method)
-                                       for k in ("metrics_out", "grid_out", "images_out")})
+                                       for k in ("metrics_out", "report_out", "grid_out", "images_out")})
 
 
 # ============================================================================================
@@ -206,7 +223,7 @@ def missing(reason: str, n: int = 0, **extra: Any) -> dict:
 
 
 def numeric_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The metrics that have a finite value."""
+    """The metrics that have a finite value (what the DVC metrics file holds)."""
     out = {}
     for k, m in metrics.items():
         v = m.get("value")
@@ -362,9 +379,10 @@ class EvalFace:
 
 
 def labeled_faces(shards: str | os.PathLike, splits: Sequence[str], max_identities: int, max_per_identity: int,
-                  need: Sequence[str] = ()) -> list[EvalFace]:
+                  need: Sequence[str] = (), keys: Optional[Sequence[str]] = None) -> list[EvalFace]:
     """The first `max_per_identity` faces (by key) of the first `max_identities` identities (by
-    name) among the faces holding `need` (+ face.jpg, json), read with the one shard reader."""
+    name) among the faces holding `need` (+ face.jpg, json) (only those in `keys` when given), read
+    with the one shard reader."""
     from pipeline.shard_reader import ShardIndex, shard_urls
 
     members = tuple(dict.fromkeys(("face.jpg", "json", *need)))
@@ -378,6 +396,8 @@ def labeled_faces(shards: str | os.PathLike, splits: Sequence[str], max_identiti
             continue
         index = ShardIndex(urls, members)
         for i in range(len(index)):
+            if keys is not None and index.key(i) not in keys:
+                continue
             ident = index.identity(i)
             if ident is not None:
                 by_id.setdefault(ident, []).append((index.key(i), index, i))
@@ -638,11 +658,51 @@ def comparison_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[tuple[np.ndar
 # MLflow
 
 
+def eval_dataset(results: Mapping[str, Any]):
+    """The evaluation set as an MLflow dataset (metadata): name `eval-set`, digest its id, source the shards."""
+    from training.tracking import DIGEST_LEN, shards_dataset
+
+    es = results["eval_set"]
+    ds = shards_dataset(es["shards"], "none", {}, ())
+    ds._name, ds._digest = "eval-set", str(es["id"])[:DIGEST_LEN]
+    return ds
+
+
+def logged_model(client, model_id: Optional[str]):
+    """The logged model `model_id` on the client's server, or None (absent, deleted, or no id)."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id)
+    except MlflowException:
+        return None
+
+
+def log_metrics_on(client, run_id: str, values: Mapping[str, float], step: int, *, model_id: Optional[str] = None,
+                   results: Optional[Mapping[str, Any]] = None, prefix: str = "eval.") -> None:
+    """`prefix<name>` = value on run `run_id` (and on its logged model `model_id`: MLflow 3 model metrics),
+    for the evaluation set of `results` (logged as the run's dataset input, context `evaluation`)."""
+    from mlflow.entities import DatasetInput, InputTag, Metric
+
+    ts = int(time.time() * 1000)
+    ds = None
+    if results is not None:
+        ds = eval_dataset(results)
+        client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[
+            InputTag("mlflow.data.context", "evaluation")])])
+    client.log_batch(run_id, metrics=[
+        Metric(f"{prefix}{k}", float(v), ts, int(step), model_id=model_id, dataset_name=ds.name if ds else None,
+               dataset_digest=ds.digest if ds else None) for k, v in values.items()])
+
+
 def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, adapter_meta: Mapping[str, Any]) -> dict:
-    """Log `eval.<metric>` values, tags and `files` to the adapter's run (or a new run)."""
+    """Log `eval.<metric>` values (on the adapter's MLflow model when it is there), tags and `files`
+    to the adapter's run (or a new run)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     ml = adapter_meta.get("mlflow") or {}
@@ -654,6 +714,7 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
             run_id = None
     except MlflowException:
         run_id = None
+    model = logged_model(client, ml.get("model_id")) if run_id else None
     if run_id is None:
         name = cfg.experiment or ml.get("experiment") or "persona-eval"
         exp = client.get_experiment_by_name(name)
@@ -662,30 +723,59 @@ def log_to_mlflow(results: dict, files: Sequence[Path], cfg: EvalMlflowConfig, a
             name, artifact_location=None if remote else str(Path(cfg.artifact_location).resolve()))
         run_id = client.create_run(exp_id, run_name="evaluate", tags={"persona.kind": "evaluate"}).info.run_id
         new = True
-    ts = int(time.time() * 1000)
     step = int(adapter_meta.get("global_step") or 0)
-    metrics = [Metric(f"eval.{k}", v, ts, step) for k, v in numeric_metrics(results["metrics"]).items()]
+    log_metrics_on(client, run_id, numeric_metrics(results["metrics"]), step,
+                   model_id=model.model_id if model is not None else None, results=results)
     tags = [RunTag("eval.set", results["eval_set"]["id"]), RunTag("eval.weights_real", str(results["weights_real"]).lower()),
             RunTag("eval.adapter_sha256", results["adapter"]["sha256"])]
     tags += [RunTag(f"eval.missing.{k}", str(m["missing"])[:4000]) for k, m in results["metrics"].items() if m.get("value") is None]
     if not results["weights_real"]:
         tags.append(RunTag("eval.warning", results.get("warning", "random weights")[:4000]))
-    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.log_batch(run_id, tags=tags)
     for f in files:
         if Path(f).is_file():
             client.log_artifact(run_id, str(f), "evaluation")
     if new:
         client.set_terminated(run_id)
-    return {"tracking_uri": uri, "run_id": run_id, "new_run": new}
+    return {"tracking_uri": uri, "run_id": run_id, "new_run": new, "model_id": model.model_id if model else None}
 
 
 # ============================================================================================
 # the evaluation
 
 
+@dataclass
+class EvalRun:
+    """What a method's `evaluation_metrics` hook sees of an evaluation (scorer still open)."""
+
+    cfg: EvaluateConfig
+    generator: Any  # training.generate.Generator (its .adapter, .method)
+    faces: list  # [EvalFace]
+    inputs: list  # conditioner inputs per face (Method.inputs of its references)
+    jobs: list  # (face index, prompt index, seed) per generated image
+    images: list  # generated (H, W, 3) uint8 images, one per job
+    prompts: list  # the prompts the model saw (Method.prompt of cfg.prompts)
+    scorer: Any  # FaceScorer (.detector, .arcface) or a stand-in
+    size: int
+
+    def generate(self, conditionings: Sequence[Mapping[str, np.ndarray]], prompts: Sequence[str],
+                 seeds: Sequence[int]) -> list[np.ndarray]:
+        """One image per (conditioner inputs, model prompt, seed) with the evaluation's sampler
+        settings, in batches of cfg.batch_size."""
+        c, out = self.cfg, []
+        for s in range(0, len(prompts), c.batch_size):
+            sl = slice(s, s + c.batch_size)
+            out.extend(self.generator.sample([[inp] for inp in conditionings[sl]], list(prompts[sl]), list(seeds[sl]),
+                                             scheduler=c.scheduler, negative_prompt=c.negative_prompt, steps=c.steps,
+                                             guidance=c.guidance, scale=c.scale, delay_steps=c.delay_steps,
+                                             height=self.size, width=self.size))
+        return out
+
+
 def eval_set_id(faces: Sequence[EvalFace], inputs: Sequence[Mapping[str, np.ndarray]], cfg: EvaluateConfig, size: int,
-                scorer_models: Mapping[str, Any]) -> str:
-    """Hash of the faces, their conditioner inputs, the protocol and the scoring models."""
+                scorer_models: Mapping[str, Any], model_prompts: Optional[Sequence[str]] = None) -> str:
+    """Hash of the faces, their conditioner inputs, the protocol (with the prompts the model saw,
+    when the method rewrote them) and the scoring models."""
     h = hashlib.sha256()
     for f, inp in zip(faces, inputs):
         h.update(f"{f.key}\x00{f.identity}\x00".encode())
@@ -695,6 +785,8 @@ def eval_set_id(faces: Sequence[EvalFace], inputs: Sequence[Mapping[str, np.ndar
              "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": cfg.guidance, "scale": cfg.scale,
              "delay_steps": cfg.delay_steps, "negative_prompt": cfg.negative_prompt, "size": size,
              "references": cfg.references, "scorers": {k: v.get("fingerprint") for k, v in scorer_models.items()}}
+    if model_prompts is not None and list(model_prompts) != list(cfg.prompts):
+        proto["model_prompts"] = list(model_prompts)
     h.update(json.dumps(proto, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -720,33 +812,44 @@ def evaluate(
     gen = generator or Generator.load(adapter_for(cfg), device=cfg.device, dtype=cfg.dtype)
     method = gen.method
     cfg = for_method(cfg, method.name)
+    if cfg.scale is None:
+        cfg = dataclasses.replace(cfg, scale=gen.default_scale)
     size = int(cfg.resolution or gen.default_size)
-    loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
-                           need=method.needs)
+    # an adapter may name the faces it is scored on (`Phase.record` "evaluation_faces", e.g. a
+    # per-identity fine-tune: its identity's held-out photos), from any split
+    only = (gen.resolved.meta.get("phase_record") or {}).get("evaluation_faces")
+    if only:
+        cfg = dataclasses.replace(cfg, split="adapter:evaluation_faces")
+        loaded = labeled_faces(cfg.shards, ("train", "val"), len(only), len(only), need=method.needs, keys=set(only))
+        per_identity = len(only)
+    else:
+        loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
+                               need=method.needs)
+        per_identity = cfg.faces_per_identity
     if not loaded:
-        raise RuntimeError(f"no labeled faces with {', '.join(method.needs) or 'faces'} in split '{cfg.split}' of {cfg.shards}")
+        raise RuntimeError(f"no labeled faces with {', '.join(method.needs) or 'faces'} in split '{cfg.split}' of {cfg.shards}"
+                           + (f" among the adapter's evaluation faces {sorted(only)[:4]}" if only else ""))
     by_id: dict[str, list[EvalFace]] = {}
     for f in loaded:
         by_id.setdefault(f.identity, []).append(f)
     faces, inputs = [], []
     for ident, group in by_id.items():
-        for j, f in enumerate(group[:cfg.faces_per_identity]):
+        for j, f in enumerate(group[:per_identity]):
             refs = [f] + [g for g in group if g is not f][:cfg.references - 1]
             faces.append(f)
             inputs.append(method.inputs([r.sample for r in refs]))
     own_scorer = scorer is None
     scorer = scorer or FaceScorer.load(params)
+    model_prompts = [method.prompt(p, gen.adapter) for p in cfg.prompts]
     try:
         ref_embs, ref_src = reference_embeddings(faces, scorer)
         jobs = [(fi, pi, cfg.seed + k) for fi in range(len(faces)) for pi in range(len(cfg.prompts)) for k in range(cfg.num_images)]
-        images: list[np.ndarray] = []
-        for s in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[s:s + cfg.batch_size]
-            images.extend(gen.sample([[inputs[fi]] for fi, _, _ in chunk], [cfg.prompts[pi] for _, pi, _ in chunk],
-                                     [seed for _, _, seed in chunk], scheduler=cfg.scheduler,
-                                     negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                                     scale=cfg.scale, delay_steps=cfg.delay_steps, height=size, width=size))
+        run = EvalRun(cfg, gen, faces, inputs, jobs, [], model_prompts, scorer, size)
+        images: list[np.ndarray] = run.generate([inputs[fi] for fi, _, _ in jobs], [model_prompts[pi] for _, pi, _ in jobs],
+                                                [seed for _, _, seed in jobs])
+        run.images = images
         gen_embs = scorer.detect_embed(images)
+        run_metrics = dict(method.evaluation_metrics(run) or {})
         control = control_from_shards(cfg.shards, scorer, cfg.control) if cfg.control.enabled else None
         scorer_models = scorer.models
     finally:
@@ -767,7 +870,8 @@ def evaluate(
         path.write_bytes(encode_png(img))
         samples.append({"identity": f.identity, "key": f.key, "prompt": cfg.prompts[pi], "prompt_index": pi, "seed": seed,
                         "file": str(path), "face_detected": ge is not None,
-                        "identity_similarity": None if sim is None else round(sim, 6)})
+                        "identity_similarity": None if sim is None else round(sim, 6),
+                        **({"model_prompt": model_prompts[pi]} if model_prompts[pi] != cfg.prompts[pi] else {})})
     n = len(images)
     detected = sum(1 for e in gen_embs if e is not None)
     no_ref = sum(1 for e in ref_embs if e is None)
@@ -782,12 +886,22 @@ def evaluate(
     metrics["clip_t"] = clip_t(images, [cfg.prompts[pi] for _, pi, _ in jobs], cfg.clip_model, cfg.device)
     metrics["lpips"] = lpips_metric(refs_per_image, images, cfg.lpips_backbone, cfg.lpips_net, cfg.device)
     metrics["fid"] = fid_metric([f.face for f in faces], images, cfg.fid_inception, cfg.device)
+    extra = method.extra_metrics(images, samples, refs_per_image)
+    clash = sorted(set(extra) & (set(metrics) | {"control_same_identity", "control_different_identity"}))
+    if clash:
+        raise ValueError(f"method '{method.name}': extra_metrics() redefines the evaluation's own metric(s) {clash}")
+    metrics.update(extra)
     if control is not None:
         metrics["control_same_identity"] = control["same_identity"]
         metrics["control_different_identity"] = control["different_identity"]
     else:
         metrics["control_same_identity"] = missing("control disabled (evaluate.control.enabled)")
         metrics["control_different_identity"] = missing("control disabled (evaluate.control.enabled)")
+    clash = sorted(set(run_metrics) & set(metrics))
+    if clash:
+        raise ValueError(f"method '{method.name}': evaluation_metrics() returned metric name(s) the evaluation "
+                         f"or extra_metrics() already has: {clash}")
+    metrics.update(run_metrics)
 
     weights = dict(gen.weights_real)
     for name, info in scorer_models.items():
@@ -799,7 +913,7 @@ def evaluate(
     random_names = sorted(k for k, v in weights.items() if not v)
     real = not random_names
 
-    eid = eval_set_id(faces, inputs, cfg, size, scorer_models)
+    eid = eval_set_id(faces, inputs, cfg, size, scorer_models, model_prompts)
     results = {
         "format": FORMAT,
         "weights_real": real,
@@ -834,15 +948,17 @@ def evaluate(
     grid_path.write_bytes(encode_png(comparison_grid(rows, cfg.prompts, cfg.grid_tile)))
     results["grid"] = str(grid_path)
     results["seconds"] = round(time.perf_counter() - t0, 3)
-    out = Path(cfg.metrics_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results["metrics_file"] = str(out)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    out, report = Path(cfg.metrics_out), Path(cfg.report_out)
+    results["metrics_file"], results["report_file"] = str(out), str(report)
+    for p in (out, report):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(numeric_metrics(metrics), indent=2, sort_keys=True) + "\n")
+    report.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
 
     do_log = cfg.mlflow.enabled if log_mlflow is None else log_mlflow
     if do_log:
-        results["mlflow"] = log_to_mlflow(results, [out, grid_path], cfg.mlflow, gen.resolved.meta)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+        results["mlflow"] = log_to_mlflow(results, [report, out, grid_path], cfg.mlflow, gen.resolved.meta)
+        report.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     return results
 
 

@@ -11,12 +11,26 @@ prompts -> images, through a diffusers `StableDiffusionPipeline`.
 
 Several identities (`Request.identities`, each with its reference photos, mixing weights and image
 region) reach injections that support them as (B, K, T, D) tokens + (B, K, H, W) regions.
+
+Image-to-image (`Request.content`, `persona generate --content PHOTO --strength S`): the content
+photo, centre-cropped to the output's aspect and resized (by default the output keeps the photo's
+aspect, its shorter side the default size), is the start of a diffusers
+`StableDiffusionImg2ImgPipeline` over the same components (`training.sampling`). With several
+identities and no region masks, the regions are the content photo's person instances
+(`ReferenceKit.persons`: the selfie person mask split among its faces,
+`pipeline.models.instances`), person k (left to right) for identity k, or person `assign[k]`.
+The record keeps the fitted content image, the instance map, each identity's region mask, the
+assignment and the mixing weights, so `--from-json` re-runs it to the same pixels.
 Method-specific inputs: `Request.inputs` (named files, `--input NAME=PATH`) and `Request.options`
-(`--option KEY=VALUE`), read by `Method.prepare`.
+(`--option KEY=VALUE`), read by `Method.prepare`. The model sees `Method.prompt(prompt, adapter)`
+(recorded as `model_prompt` beside the prompt as given). Sampling defaults: the `generate` section,
+then `generate.methods.<method>` (`with_method_defaults`; what `persona generate` applies before its
+flags).
 
 Adapters come from a folder holding `adapter.safetensors` + `adapter.json` (what training writes),
-or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (downloaded with
-`mlflow.artifacts.download_artifacts`; the alias is pinned to its version in the records).
+or from the MLflow registry: `models:/<name>@<alias>` or `models:/<name>/<version>` (the version's
+MLflow model, downloaded with `mlflow.artifacts.download_artifacts`, holds the adapter files; the
+alias is pinned to its version in the records).
 
 Every image is written as `<stem>.png` with `<stem>.json` (everything needed to reproduce it: adapter
 uri/path + sha256, base model, prompts, seed, scheduler, steps, guidance, lambda, delay, the
@@ -70,6 +84,15 @@ class BaseModelOverride:
 
 
 @dataclass
+class MethodSampling:
+    """`generate.methods.<method>:` a method's own sampling defaults (null: the section's value)."""
+
+    scheduler: Optional[Literal["ddim", "euler_a", "dpm++"]] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+
+
+@dataclass
 class GenerateConfig:
     adapter: Optional[str] = None  # folder with adapter.json, or models:/<name>@<alias>
     base_model: BaseModelOverride = field(default_factory=BaseModelOverride)
@@ -77,9 +100,10 @@ class GenerateConfig:
     scheduler: Literal["ddim", "euler_a", "dpm++"] = "ddim"
     steps: int = 50  # sampler steps
     guidance: float = 7.5  # CFG scale; <= 1 = no unconditional branch
-    scale: float = 1.0  # lambda, weight of the identity
+    scale: Optional[float] = None  # lambda, weight of the identity; null -> the adapter's default (adapter.json scale)
     delay_steps: int = 0  # steps at the start with lambda = 0
     seed: int = 0  # first seed; image k of a prompt uses seed + k
+    strength: float = 0.75  # image-to-image (--content): how much of the content photo is re-generated, 0..1
     num_images: int = 1  # per prompt
     height: Optional[int] = None  # null -> the adapter's training resolution, else the UNet's native size
     width: Optional[int] = None
@@ -88,6 +112,19 @@ class GenerateConfig:
     out: str = "outputs/generate"
     tracking_uri: Optional[str] = None  # for models:/ adapters; null -> $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
     registry_uri: Optional[str] = None  # null -> $MLFLOW_REGISTRY_URI or the tracking URI
+    # per method: its sampling defaults over the ones above (e.g. a paper's scheduler / steps / CFG);
+    # command-line flags still win (`with_method_defaults`)
+    methods: dict[str, MethodSampling] = field(default_factory=dict)
+
+
+def with_method_defaults(cfg: GenerateConfig, method: str) -> GenerateConfig:
+    """`cfg` with `methods[method]`'s non-null sampling values applied (a copy)."""
+    import dataclasses
+
+    own = cfg.methods.get(method)
+    if own is None:
+        return cfg
+    return dataclasses.replace(cfg, **{k: v for k, v in dataclasses.asdict(own).items() if v is not None})
 
 
 def generate_config(params: Params | Mapping[str, Any] | None = None) -> GenerateConfig:
@@ -95,7 +132,13 @@ def generate_config(params: Params | Mapping[str, Any] | None = None) -> Generat
     raw = params.extra.get("generate") if isinstance(params, Params) else params
     cfg = build(GenerateConfig, raw or {}, "generate")
     check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images, "generate")
+    check_strength(cfg.strength, "generate")
     return cfg
+
+
+def check_strength(strength: float, where: str = "generate") -> None:
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"{where}.strength must be in (0, 1], got {strength}")
 
 
 def check_sampling(steps: int, delay_steps: int, num_images: int = 1, where: str = "generate") -> None:
@@ -203,7 +246,9 @@ def resolve_adapter(
         mv = reg.version(name, alias or version)
         target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix=f"persona-{name}-v{mv.version}-"))
         folder = reg.download(name, mv.version, target)
-        folder, meta = read_adapter_folder(folder)
+        from training.pyfunc import adapter_folder
+
+        folder, meta = read_adapter_folder(adapter_folder(folder) or folder)  # an MLflow model holds it in artifacts/
         res = ResolvedAdapter(folder, spec, meta, sha256_file(folder / ADAPTER_FILE), uri=f"models:/{name}/{mv.version}",
                               registry={"name": name, "version": str(mv.version), "alias": alias,
                                         "run_id": mv.run_id, "source": mv.source,
@@ -292,6 +337,13 @@ class Generator:
         return int(r) if isinstance(r, int) and r > 0 else self.native_size
 
     @property
+    def default_scale(self) -> float:
+        """lambda when the request leaves it unset: the method's inference default recorded in
+        adapter.json (`scale`), else 1.0."""
+        s = self.resolved.meta.get("scale")
+        return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else 1.0
+
+    @property
     def weights_real(self) -> dict[str, bool]:
         d = {f"base.{k}": bool(v.weights_real) for k, v in self.comps.info.items()}
         d.update({f"adapter.{k}": bool(v) for k, v in (self.resolved.meta.get("weights_real") or {}).items()})
@@ -312,19 +364,25 @@ class Generator:
         height: Optional[int] = None,
         width: Optional[int] = None,
         regions: Optional[torch.Tensor] = None,
+        image: Optional[np.ndarray] = None,
+        strength: float = 0.75,
     ) -> np.ndarray:
         """B conditionings (per image: the conditioner inputs of its identities), B prompts, B seeds
-        -> (B, H, W, 3) uint8 images (see `training.sampling.sample`)."""
+        -> (B, H, W, 3) uint8 images (see `training.sampling.sample`). `image`: an (H, W, 3) uint8
+        content image for image-to-image at `strength` (its size is the output's)."""
         from training.sampling import sample
 
         check_sampling(steps, delay_steps)
         f = self.comps.vae_scale_factor
+        if image is not None:
+            height, width = image.shape[:2]
         h, wd = int(height or self.default_size), int(width or self.default_size)
         if h % f or wd % f:
             raise ValueError(f"height/width must be multiples of {f}, got {h}x{wd}")
         return sample(self.pipe, self.adapter, conditioning, prompts, seeds, scheduler=scheduler,
                       negative_prompt=negative_prompt, steps=steps, guidance=guidance, scale=scale,
-                      delay_steps=delay_steps, height=h, width=wd, regions=regions)
+                      delay_steps=delay_steps, height=h, width=wd, regions=regions,
+                      images=None if image is None else [image] * len(prompts), strength=strength)
 
 
 # ============================================================================================
@@ -340,6 +398,9 @@ class Request:
     inputs: dict[str, str] = field(default_factory=dict)  # method-specific named files (--input NAME=PATH)
     options: dict[str, str] = field(default_factory=dict)  # method-specific options (--option KEY=VALUE)
     name: str = "img"  # file stem prefix
+    content: Optional[str] = None  # content photo: image-to-image (and the persons' regions of several identities)
+    assign: Optional[list[int]] = None  # identity k -> person assign[k] of the content photo (default k)
+    method: Optional[str] = None  # the adapter must be of this method (None: any)
 
 
 def load_regions(identities: Sequence[Identity], height: int, width: int) -> Optional[torch.Tensor]:
@@ -356,6 +417,82 @@ def load_regions(identities: Sequence[Identity], height: int, width: int) -> Opt
             masks.append(np.asarray(im.convert("L").resize((width, height), Image.Resampling.BILINEAR),
                                     dtype=np.float32) / 255.0)
     return torch.from_numpy(np.stack(masks))[None]
+
+
+def content_size(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
+    """(h, w) of an output keeping a photo's aspect: the shorter side `side`, the longer one scaled
+    and rounded to a multiple of `multiple`."""
+    short, long_ = min(width, height), max(width, height)
+    other = max(multiple, int(round(side * long_ / short / multiple)) * multiple)
+    return (side, other) if height <= width else (other, side)
+
+
+def fit_box(width: int, height: int, w: int, h: int) -> tuple[float, float, float, float]:
+    """The centred box of a width x height photo with the aspect w : h (what `fit_image` keeps)."""
+    if width * h > height * w:  # wider than the target: cut the sides
+        cw = height * w / h
+        return ((width - cw) / 2, 0.0, (width + cw) / 2, float(height))
+    ch = width * h / w
+    return (0.0, (height - ch) / 2, float(width), (height + ch) / 2)
+
+
+def fit_image(img: np.ndarray, h: int, w: int, labels: bool = False) -> np.ndarray:
+    """A photo (H, W, 3) or label map (H, W) centre-cropped to the aspect w : h and resized to (h, w)
+    (Lanczos; nearest for labels)."""
+    from PIL import Image
+
+    box = fit_box(img.shape[1], img.shape[0], w, h)
+    resample = Image.Resampling.NEAREST if labels else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), resample, box=box)).copy()
+
+
+def content_regions(identities: Sequence[Identity], labels: np.ndarray, persons: int, assign: Optional[Sequence[int]],
+                    out: Path, stem: str) -> tuple[list[Identity], list[int]]:
+    """Identity k gets person assign[k] (default k) of a fitted label map (i + 1 = person i): its mask
+    is written as `<stem>.id<k>.region.png` (255 = the person) and becomes its region."""
+    import dataclasses
+
+    k = len(identities)
+    assign = list(range(k)) if assign is None else [int(a) for a in assign]
+    if persons < k:
+        raise ValueError(f"the content photo shows {persons} person(s) with a face, {k} identities were given")
+    if len(assign) != k or len(set(assign)) != k or not all(0 <= a < persons for a in assign):
+        raise ValueError(f"--assign: {k} distinct person indices in 0..{persons - 1} (0 = leftmost), got {assign}")
+    from pipeline.images import encode_png
+
+    out_ids = []
+    for i, (ident, a) in enumerate(zip(identities, assign)):
+        mask = np.where(labels == a + 1, 255, 0).astype(np.uint8)
+        if not mask.any():
+            log.warning("person %d of the content photo vanishes at the output size: identity %d has no region", a, i)
+        path = out / f"{stem}.id{i}.region.png"
+        path.write_bytes(encode_png(mask))
+        out_ids.append(dataclasses.replace(ident, region=str(path)))
+    return out_ids, assign
+
+
+def _prepare_content(req: "Request", identities: list[Identity], kit: Any, out: Path, h: int, wd: int,
+                     sized: bool, side: int, multiple: int) -> tuple[dict, np.ndarray, list[Identity]]:
+    """The content photo fitted to the output (+ the persons' regions of several identities)."""
+    from pipeline.images import load_rgb
+
+    rgb, _ = load_rgb(req.content)
+    if not sized:
+        h, wd = content_size(rgb.shape[1], rgb.shape[0], side, multiple)
+    img = fit_image(rgb, h, wd)
+    rec: dict = {"photo": str(req.content), "photo_sha256": sha256_file(req.content), "file": f"{req.name}.content.png",
+                 "box": [round(v, 3) for v in fit_box(rgb.shape[1], rgb.shape[0], wd, h)]}
+    rec["sha256"] = _write_png(out / rec["file"], img)
+    if len(identities) > 1 and all(i.region is None for i in identities):
+        labels, faces = kit.persons(req.content)
+        fitted = fit_image(labels, h, wd, labels=True)
+        identities, assign = content_regions(identities, fitted, len(faces), req.assign, out, req.name)
+        rec.update({"persons": faces, "assignment": assign, "instances": {
+            "file": f"{req.name}.instances.png", "sha256": _write_png(out / f"{req.name}.instances.png", fitted),
+            "rule": "pipeline.models.instances.split_persons", "params": to_dict(kit.params.instances)}})
+    elif req.assign is not None:
+        raise ValueError("--assign needs several identities without --region masks")
+    return rec, img, identities
 
 
 def _write_png(path: Path, img: np.ndarray) -> str:
@@ -380,7 +517,7 @@ def save_conditioning(out: Path, stem: str, prepared: Sequence[Prepared], identi
             fname = f"{stem}.id{k}.{name}.npy"
             files[name] = {"file": fname, "sha256": _save_npy(out / fname, np.asarray(arr)), "shape": list(np.shape(arr))}
         ident = identities[k] if k < len(identities) else Identity()
-        recs.append({"inputs": files, "region": ident.region,
+        recs.append({"inputs": files, "region": ident.region, "weights": ident.weights,
                      "region_sha256": sha256_file(ident.region) if ident.region else None, **p.record})
     return recs
 
@@ -418,43 +555,61 @@ def generate(
         raise ValueError("generate: no adapter (give --adapter DIR | models:/NAME@ALIAS, or params generate.adapter)")
     gen = generator or Generator.load(cfg.adapter, base=to_dict(cfg.base_model), device=cfg.device, dtype=cfg.dtype,
                                       tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+    if req.method is not None and gen.method.name != req.method:
+        raise ValueError(f"generate: the adapter {gen.resolved.spec} is a '{gen.method.name}' adapter, not '{req.method}'")
+    check_strength(cfg.strength)
     identities = list(req.identities) or [Identity()]
+    out = Path(out or cfg.out)
+    h, wd = int(cfg.height or gen.default_size), int(cfg.width or gen.default_size)
+    content, image = None, None
     own = kit is None
     kit = kit or ReferenceKit(params)
     try:
+        if req.content:
+            out.mkdir(parents=True, exist_ok=True)
+            content, image, identities = _prepare_content(
+                req, identities, kit, out, h, wd, sized=cfg.height is not None or cfg.width is not None,
+                side=gen.default_size, multiple=gen.comps.vae_scale_factor)
+            h, wd = image.shape[:2]
+            content["strength"] = float(cfg.strength)
+        kit.content = req.content
         prepared = [gen.method.prepare(i, req.inputs, req.options, kit) for i in identities]
     finally:
+        kit.content = None
         if own:
             kit.close()
 
-    out = Path(out or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    h, wd = int(cfg.height or gen.default_size), int(cfg.width or gen.default_size)
     regions = load_regions(identities, h, wd)
     conditioning = save_conditioning(out, req.name, prepared, identities)
+    scale = gen.default_scale if cfg.scale is None else float(cfg.scale)
     vers = versions()
     records = []
     for pi, prompt in enumerate(req.prompts):
+        model_prompt = gen.method.prompt(prompt, gen.adapter)
         for k in range(cfg.num_images):
             seed = cfg.seed + k
             stem = f"{req.name}-p{pi:02d}-seed{seed}"
-            img = gen.sample([[p.inputs for p in prepared]], [prompt], [seed], scheduler=cfg.scheduler,
+            img = gen.sample([[p.inputs for p in prepared]], [model_prompt], [seed], scheduler=cfg.scheduler,
                              negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                             scale=cfg.scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions)[0]
+                             scale=scale, delay_steps=cfg.delay_steps, height=h, width=wd, regions=regions,
+                             image=image, strength=cfg.strength)[0]
             rec = {
                 "format": RECORD_FORMAT,
                 "image": {"file": f"{stem}.png", "sha256": _write_png(out / f"{stem}.png", img), "height": h, "width": wd},
                 "method": gen.method.name,
                 "conditioning": conditioning,
+                "content": content,
                 "request": {"inputs": dict(req.inputs), "options": dict(req.options)},
                 "prompt": prompt,
+                "model_prompt": model_prompt,
                 "negative_prompt": cfg.negative_prompt,
                 "seed": int(seed),
                 "scheduler": {"name": cfg.scheduler, "class": type(gen.pipe.scheduler).__name__,
                               "config": dict(gen.pipe.scheduler.config)},
                 "steps": int(cfg.steps),
                 "guidance": float(cfg.guidance),
-                "lambda": float(cfg.scale),
+                "lambda": scale,
                 "delay_steps": int(cfg.delay_steps),
                 "adapter": gen.resolved.as_record(),
                 "base_model": {**gen.base, "parts": {k2: v.as_dict() for k2, v in gen.comps.info.items()}},
@@ -508,14 +663,21 @@ def regenerate(
     elif generator.resolved.sha256 != ad["sha256"]:
         raise RuntimeError("regenerate: the given generator holds a different adapter than the record")
     h, w = rec["image"]["height"], rec["image"]["width"]
-    idents = [Identity(region=c.get("region")) for c in rec["conditioning"]]
-    for c in rec["conditioning"]:
-        if c.get("region") and sha256_file(c["region"]) != c.get("region_sha256"):
-            raise RuntimeError(f"{c['region']}: region mask sha256 differs from the record")
-    img = generator.sample([inputs], [rec["prompt"]], [rec["seed"]], scheduler=rec["scheduler"]["name"],
+    idents = [Identity(region=_recorded_file(c.get("region"), src)) for c in rec["conditioning"]]
+    for ident, c in zip(idents, rec["conditioning"]):
+        if ident.region and sha256_file(ident.region) != c.get("region_sha256"):
+            raise RuntimeError(f"{ident.region}: region mask sha256 differs from the record")
+    content, image = rec.get("content"), None
+    if content:
+        p = src / content["file"]
+        if sha256_file(p) != content["sha256"]:
+            raise RuntimeError(f"{p}: content image sha256 differs from the record")
+        image = decode_image(p.read_bytes())
+    img = generator.sample([inputs], [rec.get("model_prompt", rec["prompt"])], [rec["seed"]], scheduler=rec["scheduler"]["name"],
                            negative_prompt=rec["negative_prompt"], steps=rec["steps"], guidance=rec["guidance"],
                            scale=rec["lambda"], delay_steps=rec["delay_steps"], height=h, width=w,
-                           regions=load_regions(idents, h, w))[0]
+                           regions=load_regions(idents, h, w), image=image,
+                           strength=content["strength"] if content else 0.75)[0]
     identical = False
     orig = src / rec["image"]["file"]
     if orig.is_file():
@@ -533,6 +695,15 @@ def regenerate(
     new["regenerated_from"] = {"record": str(record_path.resolve()), "identical": identical}
     (out / f"{stem}.json").write_text(json.dumps(new, indent=2, sort_keys=True, default=str))
     return new, img, identical
+
+
+def _recorded_file(path: Optional[str], src: Path) -> Optional[str]:
+    """A file a record names: as recorded, else the file of that name beside the record (a copied
+    output folder, another working directory)."""
+    if not path or Path(path).is_file():
+        return path
+    near = src / Path(path).name
+    return str(near) if near.is_file() else path
 
 
 def load_generate_params(path: str | os.PathLike = "params.yaml") -> tuple[Params, GenerateConfig]:

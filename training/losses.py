@@ -10,11 +10,15 @@ Stage II: L = L_rec + l_dis * L_dis + l_reg * L_reg   (`stage2_loss`; paper l_di
           L_dis = mean(((eps(w) - eps(aug(w))) * M)^2),  L_reg = mean((eps(w) - eps(lambda=0))^2)
 The authors' code computes eps(aug(w)) and eps(lambda=0) without gradient; `stage2_loss` detaches
 them by default (`detach_targets=True`), so they may be computed under `torch.no_grad()`.
+
+Identity Encoder (Su et al. 2023): `soft_nearest_neighbour_loss` (Eq. 4), `dirichlet_weights` (the
+random convex combination of Eq. 3), `linear_schedule` (the identity-drop curriculum).
 """
 from __future__ import annotations
 
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -169,3 +173,67 @@ def stage2_loss(
     dis = masked_disentangle(eps_w, eps_aug, mask)
     reg = identity_regulariser(eps_w, eps_base)
     return {"rec": rec, "dis": dis, "reg": reg, "loss": rec + l_dis * dis + l_reg * reg}
+
+
+# ============================================================================================
+# Identity Encoder (Su et al. 2023): the soft nearest-neighbour identity loss and convex weights
+
+
+def soft_nearest_neighbour_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                                normalize: bool = True) -> torch.Tensor:
+    """Soft nearest-neighbour loss (Frosst et al. 2019; Identity Encoder Eq. 4) of K points z (K, D)
+    with labels (K,):
+
+        L = -1/K' sum_k log( sum_{j != k, s_j = s_k} exp(-|z_k - z_j|^2 / T) / sum_{j != k} exp(-|z_k - z_j|^2 / T) )
+
+    over the K' points that have another point of their label (a point without one has no
+    neighbour to be near: it only serves as a negative). `normalize`: z is L2-normalised first
+    (then |z_k - z_j|^2 is in [0, 4]). Computed in float32 with log-sum-exp. A scalar; 0 (with the
+    graph) when no point has a same-label partner."""
+    if z.ndim != 2 or labels.shape != z.shape[:1]:
+        raise ValueError(f"soft_nearest_neighbour_loss: z (K, D) and labels (K,), got {tuple(z.shape)}, {tuple(labels.shape)}")
+    x = F.normalize(z.float(), dim=1) if normalize else z.float()
+    d = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)  # (K, K) squared distances
+    logits = -d / torch.as_tensor(temperature, dtype=torch.float32, device=x.device)
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    lab = labels.to(x.device)
+    same = (lab[:, None] == lab[None, :]) & ~eye
+    anchors = same.any(dim=1)
+    if not bool(anchors.any()):
+        return x.sum() * 0.0
+    neg_inf = torch.finfo(logits.dtype).min
+    num = torch.logsumexp(logits.masked_fill(~same, neg_inf), dim=1)
+    den = torch.logsumexp(logits.masked_fill(eye, neg_inf), dim=1)
+    return -(num - den)[anchors].mean()
+
+
+def dirichlet_weights(n: int, alpha: float, seed: int) -> np.ndarray:
+    """n convex weights ~ Dirichlet(alpha, ..., alpha) (non-negative, sum 1; alpha = 1: uniform on the
+    simplex) from numpy's generator seeded by `seed` (float64 draws, returned as float32 after
+    renormalising)."""
+    if n < 1 or alpha <= 0:
+        raise ValueError(f"dirichlet_weights: n >= 1 and alpha > 0, got n={n}, alpha={alpha}")
+    w = np.random.default_rng(int(seed)).dirichlet(np.full(n, float(alpha)))
+    w = np.clip(w, 0.0, None)
+    return (w / w.sum()).astype(np.float32)
+
+
+def linear_schedule(start: float, end: float, step: int, steps: int) -> float:
+    """start at step 0, end at step `steps - 1` (and after), linear in between."""
+    f = min(1.0, max(0.0, step / max(1, steps - 1)))
+    return float(start + f * (end - start))
+
+
+# ============================================================================================
+# Face2Diffusion (Shiohara & Yamasaki 2024): the class-guided denoising target
+
+
+def cgdr_target(eps: torch.Tensor, eps_class: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Face2Diffusion's class-guided denoising target eps * M + eps_c * (1 - M) (eq. 7): the added
+    noise on the face, the frozen model's class-prompt prediction elsewhere. eps / eps_class
+    (B, C, h, w); face M (B, 1, h, w) in [0, 1], 1 = FACE (the opposite polarity of the W+ masks
+    above); resized when given at image size."""
+    if eps.shape != eps_class.shape:
+        raise ValueError(f"cgdr_target: shapes differ {tuple(eps.shape)} vs {tuple(eps_class.shape)}")
+    m = mask_to_latent(face, tuple(eps.shape[-2:])).to(eps.device, eps.dtype)
+    return eps * m + eps_class.to(eps.dtype) * (1 - m)

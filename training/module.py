@@ -5,10 +5,12 @@ Trainable: the parts the phase names (`Phase.trainable`: the conditioner and / o
 base parts such as the UNet); the rest is frozen and in eval mode. AdamW / Adam with a linear
 warm-up, gradient clipping and mixed precision via the Trainer, optional gradient checkpointing and
 an EMA of the trained weights only (the exported adapter is the EMA). Each loss term is logged
-under its own name (`loss`, `loss_<term>`).
+with `self.log` under its own name (`loss`, `loss_<term>`); the learning rate (the scheduler is named
+`lr`), throughput, progress bar and the CSV of every logged step are Lightning's own callbacks and
+loggers (`training.logs`).
 
 Lightning checkpoints hold the trained weights only (never the frozen UNet / VAE / text encoder),
-plus the optimizer, scheduler, EMA and loss history; with the deterministic batches
+plus the optimizer, scheduler and EMA; with the deterministic batches
 (`training.data`) and per-sample draws (`training.step`) a resumed run repeats exactly what an
 uninterrupted one does, and W DDP workers with batch B compute the gradient of one process with
 batch W * B (up to float rounding) wherever the loss draws per sample.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import Any, Iterator, Optional
 
 import lightning as L
@@ -132,10 +133,9 @@ class PersonaModule(L.LightningModule):
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = TrainedEMA(self, cfg.ema) if cfg.ema > 0 else None
-        self.history: list[dict[str, float]] = []  # {"step", "loss", <term>...} per logged step
         self._null_text: Optional[torch.Tensor] = None
-        self._t_last: Optional[float] = None
-        self._last_log: dict[str, float] = {}
+        # read by Lightning's ThroughputMonitor (FLOPs are not counted: None skips flops_per_sec / MFU)
+        self.flops_per_batch: Optional[int] = None
 
     # ------------------------------------------------------------------ modes / frozen parts
     def train(self, mode: bool = True) -> "PersonaModule":
@@ -199,31 +199,11 @@ class PersonaModule(L.LightningModule):
         return parts["loss"]
 
     def _log_step(self, parts: dict[str, torch.Tensor], batch_size: int) -> None:
-        now = time.perf_counter()
-        world = int(self.trainer.world_size) if self._trainer is not None else 1
+        """`loss` (shown on the progress bar) and each `loss_<term>`, on the steps the Trainer logs."""
         self.log("loss", parts["loss"], on_step=True, prog_bar=True, batch_size=batch_size)
-        terms = [k for k in parts if k != "loss"]
-        for k in terms:
-            self.log(f"loss_{k}", parts[k], on_step=True, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log("lr", float(self.lr_schedulers().get_last_lr()[0]), on_step=True, batch_size=batch_size)
-        if self._t_last is not None:
-            sps = batch_size * world / max(now - self._t_last, 1e-9)
-            self.log("samples_per_s", sps, on_step=True, batch_size=batch_size)
-            self._last_log["samples_per_s"] = sps
-        self._t_last = now
-        step = int(self.global_step)
-        last = self._trainer is not None and step + 1 >= int(self.trainer.max_steps or 0)
-        if step % self.pcfg.log_every == 0 or last:
-            row = {"step": float(step), "loss": float(parts["loss"].detach())}
-            row.update({k: float(parts[k].detach()) for k in terms})
-            self.history.append(row)
-            msg = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step")
-            sps = self._last_log.get("samples_per_s")
-            if self.rank == 0:
-                log.info(f"[{self.method.name}.{self.phase.name}] step {step + 1}/"
-                         f"{self.trainer.max_steps if self._trainer else '?'} {msg}"
-                         + (f" ({sps:.1f} samples/s)" if sps else ""))
+        for k in parts:
+            if k != "loss":
+                self.log(f"loss_{k}", parts[k], on_step=True, batch_size=batch_size)
 
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # called right after optimizer.step(): update the EMA of the trained weights
@@ -235,7 +215,8 @@ class PersonaModule(L.LightningModule):
         cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[s.optimizer]
         opt = cls(self.trainable_parameters(), lr=s.lr, weight_decay=s.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(s.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        # named so LearningRateMonitor logs it as `lr`
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 
     # ------------------------------------------------------------------ checkpoints (trained weights only)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -244,7 +225,6 @@ class PersonaModule(L.LightningModule):
             "method": self.method.name,
             "phase": self.phase.name,
             "signature": self.signature,
-            "history": [dict(r) for r in self.history],
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
@@ -261,7 +241,6 @@ class PersonaModule(L.LightningModule):
         if self.signature and extra.get("signature") and extra["signature"] != self.signature:
             log.warning("checkpoint signature %s != run signature %s (config or data changed)",
                         extra["signature"], self.signature)
-        self.history = [dict(r) for r in extra.get("history") or []]
         if self.ema is not None and extra.get("ema"):
             self.ema.load_state_dict(extra["ema"])
 

@@ -58,6 +58,7 @@ class ReferenceFace:
     lm5_aligned: np.ndarray  # (5, 2) landmarks in the aligned crop
     info: dict  # bbox, score, lm5, quad side, mask source
     members: dict = field(default_factory=dict)
+    mesh: Optional[np.ndarray] = None  # (478, 2) dense MediaPipe mesh in the photo's pixels (None: detector without one)
 
 
 def align_reference(rgb: np.ndarray, face: Any, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -90,6 +91,7 @@ class ReferenceKit:
         self.device = device
         self._models: dict[str, Any] = {}
         self._faces: dict[str, ReferenceFace] = {}
+        self.content: Optional[str] = None  # the request's content photo (image-to-image), for `Method.prepare`
 
     def model(self, name: str, factory: Callable[[], Any]) -> Any:
         """A model loaded once per kit (`factory()` on first use)."""
@@ -125,7 +127,8 @@ class ReferenceKit:
             if face is None:
                 raise ValueError(f"reference {path}: no face with landmarks found")
             aligned, mask, lm5a, info = align_reference(rgb, face, self.params)
-            self._faces[key] = ReferenceFace(key, sha256_file(path), aligned, mask, lm5a, info)
+            mesh = None if face.mesh is None else np.asarray(face.mesh, dtype=np.float64)
+            self._faces[key] = ReferenceFace(key, sha256_file(path), aligned, mask, lm5a, info, mesh=mesh)
         return self._faces[key]
 
     def samples(self, paths: Sequence[str | os.PathLike], needs: Sequence[str] = ()) -> list[dict]:
@@ -145,6 +148,25 @@ class ReferenceKit:
                  "json": {"key": f.sha256[:16] + "-ref", "identity": None, "source": f.path,
                           "landmarks_aligned": np.asarray(f.lm5_aligned).tolist(), **f.info},
                  **{k: f.members[k] for k in needs if k in f.members}} for f in faces]
+
+    def persons(self, path: str | os.PathLike) -> tuple[np.ndarray, list[dict]]:
+        """A photo's person instances: (labels (H, W) uint8, 0 = no one, i + 1 = person i; the faces
+        [{"bbox", "score"}]), persons ordered left to right by face box like the align stage. The
+        faces are the detections with real landmarks; the person probability is the selfie
+        segmentation of the photo and of each face's in-the-wild crop; the split is the instances
+        stage's (`pipeline.models.instances`, params `instances`)."""
+        from pipeline.images import load_rgb
+        from pipeline.models import faces as fm
+        from pipeline.models.instances import photo_person_prob, split_persons
+
+        rgb, _ = load_rgb(path)
+        found = [f for f in self.detector.detect(rgb) if f.lm5 is not None and getattr(f, "landmarks_source", "") != "detector"]
+        found.sort(key=lambda f: (round(float(f.bbox[0])), round(float(f.bbox[1]))))
+        seg = self.model("selfie", fm.SelfieSegmenter)
+        prob = photo_person_prob(rgb, found, seg, self.params.align.wild_scale)
+        cfg = self.params.instances
+        labels = split_persons(prob, np.array([f.bbox for f in found]).reshape(-1, 4), cfg.threshold, cfg.body_stretch)
+        return labels, [{"bbox": np.round(f.bbox, 2).tolist(), "score": round(float(f.score), 4)} for f in found]
 
     def records(self, paths: Sequence[str | os.PathLike]) -> list[dict]:
         """What a generation record keeps of each reference photo."""

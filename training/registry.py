@@ -1,15 +1,19 @@
 """MLflow model registry for adapters: register, promote (gated), rollback, list, show. Aliases only.
 
-    register   log the adapter folder (adapter.safetensors + adapter.json) as artifacts `adapter/` of
-               its training run (adapter.json mlflow.run_id, when that run exists on this tracking
-               server) or of a new run, then `MlflowClient.create_model_version(name,
-               source=<run artifact uri>/adapter, run_id=...)` (MLflow 3's `register_model` refuses
-               a plain artifact folder), tagged with the evaluation metrics (`metric.<name>` = value,
-               or `missing: <reason>`), the evaluation-set id (`eval_set`), git commit, shards
-               hash, method, phase, params hash (adapter.json `params_hash` / `signature`, else a
-               hash of the training run's MLflow params), adapter sha256, weights_real; alias
-               `candidate`. Evaluation results made for another adapter file are refused.
-               Registering the same adapter with the same evaluation again reuses that version.
+    register   a version made from the adapter's MLflow model (`training.pyfunc`: a pyfunc, so
+               `mlflow.pyfunc.load_model("models:/persona-<method>@candidate")` works): the model its
+               training logged (adapter.json mlflow.model_id, when it is on this tracking server and
+               carries no other evaluation), else a new one logged now into the training run (when
+               that run is on this server) or a new run; the evaluation's numbers are MLflow metrics
+               of that model (`eval.<name>`, for the evaluation-set dataset `eval-set`), a metric
+               without a number is a tag `missing.<name>` with the reason; the version is tagged with
+               the adapter phase's own tags and aliases (adapter.json
+               `phase_record.registry`, e.g. a per-identity fine-tune's identity and `<identity>-champion`),
+               the evaluation-set id (`eval_set`), git commit, shards hash, method, phase, params hash
+               (adapter.json `params_hash` / `signature`, else a hash of the training run's MLflow
+               params), adapter sha256, weights_real; alias `candidate`. Evaluation results made for
+               another adapter file are refused. Registering the same adapter with the same
+               evaluation again reuses that version.
     promote    move alias `champion` to the candidate only when it beats the current champion on
                the gate metrics (higher is better; not worse on any, better by > min_improvement
                on at least one) on the SAME evaluation set; else `PromotionRefused` with the numbers.
@@ -46,7 +50,9 @@ log = logging.getLogger("persona.registry")
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 HISTORY_TAG = "persona.champion_history"
-METRIC_PREFIX = "metric."
+EVAL_PREFIX = "eval."  # the evaluation's metrics on the version's logged model
+MISSING_TAG = "missing."  # version tag: a metric without a number, and why
+METRIC_PREFIX = "metric."  # versions registered before models: metrics as tags
 MISSING_PREFIX = "missing: "
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 HISTORY_MAX = 200
@@ -67,8 +73,8 @@ class RegistryConfig:
     gate_metrics: list[str] = field(default_factory=lambda: ["identity_similarity"])  # higher is better
     min_improvement: float = 0.0  # at least one gate metric must improve by more than this
     require_same_eval_set: bool = True  # candidate and champion must carry the same eval_set tag
-    metrics: str = "metrics/evaluate_{method}.json"  # evaluation results `register` reads by default
-    out: str = "metrics/register_{method}.json"  # what `register` writes (DVC out); {method}: the adapter's
+    metrics: str = "eval/{method}/report.json"  # the evaluation report `register` reads by default
+    out: str = "eval/{method}/register.json"  # what `register` writes (DVC out); {method}: the adapter's
 
 
 def registry_config(params: Params | Mapping[str, Any] | None = None) -> RegistryConfig:
@@ -212,9 +218,43 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike, *, t
 # metrics <-> tags, and the promotion gate (pure)
 
 
-def metric_tags(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def metric_values(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
     """{'identity_similarity': {'value': 0.41, ...}, 'clip_t': {'value': None, 'missing': 'why'}} ->
-    {'metric.identity_similarity': '0.41', 'metric.clip_t': 'missing: why'}."""
+    ({'identity_similarity': 0.41}, {'clip_t': 'why'}): the numbers, and why the others have none."""
+    values, missing = {}, {}
+    for name, m in metrics.items():
+        v = m.get("value") if isinstance(m, Mapping) else m
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            values[name] = float(v)
+        else:
+            missing[name] = str((m.get("missing") if isinstance(m, Mapping) else None) or "no value")
+    return values, missing
+
+
+def model_metrics(model) -> dict[str, float]:
+    """The latest `eval.<name>` metrics of a logged model -> {name: value}."""
+    latest: dict[str, Any] = {}
+    for m in getattr(model, "metrics", None) or []:
+        if m.key.startswith(EVAL_PREFIX):
+            k = m.key[len(EVAL_PREFIX):]
+            if k not in latest or (m.timestamp, m.step) >= (latest[k].timestamp, latest[k].step):
+                latest[k] = m
+    return {k: float(m.value) for k, m in latest.items()}
+
+
+def model_id_of(mv) -> Optional[str]:
+    """The logged model a version was made from (its `model_id`, or its `models:/<id>` source)."""
+    mid = getattr(mv, "model_id", None)
+    if mid:
+        return mid
+    src = str(getattr(mv, "source", "") or "")
+    rest = src[len("models:/"):] if src.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
+
+
+def metric_tags(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Versions registered before MLflow models: {'identity_similarity': {'value': 0.41, ...}, 'clip_t':
+    {'value': None, 'missing': 'why'}} -> {'metric.identity_similarity': '0.41', 'metric.clip_t': 'missing: why'}."""
     out = {}
     for name, m in metrics.items():
         v = m.get("value") if isinstance(m, Mapping) else m
@@ -227,7 +267,7 @@ def metric_tags(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 
 
 def tag_metrics(tags: Mapping[str, str]) -> dict[str, Optional[float]]:
-    """Inverse of `metric_tags`: metric name -> float, or None when missing."""
+    """Inverse of `metric_tags` (versions registered before MLflow models): metric name -> float, or None."""
     out: dict[str, Optional[float]] = {}
     for k, v in tags.items():
         if not k.startswith(METRIC_PREFIX):
@@ -328,14 +368,14 @@ def load_evaluation(path: Optional[str | os.PathLike]) -> Optional[dict]:
     return json.loads(p.read_text())
 
 
-def version_summary(mv, aliases: Optional[Sequence[str]] = None) -> dict:
+def version_summary(mv, aliases: Optional[Sequence[str]] = None, metrics: Optional[Mapping[str, Optional[float]]] = None) -> dict:
     tags = dict(mv.tags or {})
     return {
         "name": mv.name, "version": str(mv.version), "aliases": sorted(aliases if aliases is not None else (mv.aliases or [])),
         "run_id": mv.run_id, "source": mv.source, "status": mv.status,
         "created": _dt.datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, _dt.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": tag_metrics(tags), "eval_set": tags.get("eval_set"), "weights_real": tags.get("weights_real"),
-        "tags": tags,
+        "metrics": dict(tag_metrics(tags) if metrics is None else metrics), "model_id": model_id_of(mv),
+        "eval_set": tags.get("eval_set"), "weights_real": tags.get("weights_real"), "tags": tags,
     }
 
 
@@ -441,8 +481,11 @@ class Registry:
         alias: str = CANDIDATE,
         allow_mismatch: bool = False,
         new_version: bool = False,
+        kit: Optional[Mapping[str, Any]] = None,
     ) -> dict:
-        """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it."""
+        """Register the adapter in `adapter_dir` (+ evaluation results) and point `alias` at it. `kit`: the
+        data stages' params sections a model logged now carries (`training.pyfunc.kit_params`; default
+        the defaults)."""
         folder = Path(adapter_dir)
         meta_path = folder / "adapter.json"
         for f in ADAPTER_FILES:
@@ -459,6 +502,7 @@ class Registry:
                     f"the evaluation results are for adapter {str(ev_sha)[:12]}, not for {folder} ({sha[:12]}); "
                     "re-run `persona evaluate` for this adapter (or pass --allow-mismatch)")
         metrics = (ev or {}).get("metrics") or {}
+        values, missing = metric_values(metrics)
         eval_set = ((ev or {}).get("eval_set") or {}).get("id")
 
         ml = meta.get("mlflow") or {}
@@ -486,10 +530,15 @@ class Registry:
             "shards_hash": str(lineage.get("shards_hash")), "params_hash": str(params_hash), "adapter_sha256": sha,
             "base_model": json.dumps(meta.get("base_model"), sort_keys=True), "weights_real": str(real).lower(),
             "eval_set": str(eval_set) if eval_set else "none", "registered_at": _now(),
-            **(metric_tags(metrics) if ev is not None else {}),
+            **{MISSING_TAG + k: why[:4000] for k, why in missing.items()},
         }
         if ev is None:
             tags["evaluated"] = "false"
+        # what the adapter's phase asks for (`Phase.record` "registry"): extra tags (never replacing
+        # the ones above) and aliases (e.g. a per-identity fine-tune: identity tags, <identity>-champion)
+        extra = (meta.get("phase_record") or {}).get("registry") or {}
+        tags = {**{str(k): str(v) for k, v in (extra.get("tags") or {}).items()}, **tags}
+        extra_aliases = [str(a) for a in extra.get("aliases") or [] if str(a) != alias]
         if not real:
             log.warning("!!! registering %s with RANDOM weights somewhere (weights_real=false): not a usable model !!!", name)
 
@@ -497,27 +546,76 @@ class Registry:
             self.client.create_registered_model(
                 name, tags={"method": str(meta.get("method"))},
                 description=f"Persona {meta.get('method')} identity adapters (aliases: {CANDIDATE}, {CHAMPION})")
-        existing = None if new_version else self._same_version(name, sha, tags)
+        expected = {**values, **{k: None for k in missing}}
+        existing = None if new_version else self._same_version(name, sha, tags, expected)
+        model_id = None
         if existing is not None:
             mv = existing
             log.info("%s: adapter %s with this evaluation is already version %s; moving '%s' only", name, sha[:12], mv.version, alias)
         else:
-            for f in ADAPTER_FILES:
-                self.client.log_artifact(run_id, str(folder / f), "adapter")
+            model_id = self._model_for(folder, meta, sha, run_id if reused_run else None, values)
+            if model_id is None:  # log the adapter as a model of this run now
+                from training import pyfunc
+
+                model_id = pyfunc.log_adapter_model(self.client, folder, run_id=run_id, kit=kit,
+                                                    step=int(meta.get("global_step") or 0),
+                                                    tags={"method": str(meta.get("method")), "phase": str(meta.get("phase")),
+                                                          "adapter_sha256": sha, "persona.kind": "register"})
+            if values and not model_metrics(self.client.get_logged_model(model_id)):
+                from training.evaluate import log_metrics_on
+
+                log_metrics_on(self.client, run_id, values, int(meta.get("global_step") or 0), model_id=model_id,
+                               results=ev if (ev or {}).get("eval_set", {}).get("shards") else None)
             if ev is not None:
                 self._log_json(run_id, ev, "evaluation", "evaluate.json")
             if not reused_run:
                 self.client.set_terminated(run_id)
-            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/adapter"
-            mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                                  description=f"{meta.get('method')} {meta.get('phase')} adapter {sha[:12]}")
+            from training.pyfunc import tracking_uri
+
+            with tracking_uri(self.tracking_uri):  # a local registry resolves models:/<id> through the global URI
+                mv = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                                      model_id=model_id,
+                                                      description=f"{meta.get('method')} {meta.get('phase')} adapter {sha[:12]}")
             mv = self._wait_ready(name, mv.version)
         self.client.set_registered_model_alias(name, alias, mv.version)
+        for a in extra_aliases:
+            self.client.set_registered_model_alias(name, a, mv.version)
         out = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}", "alias": alias,
                "alias_uri": f"models:/{name}@{alias}", "run_id": mv.run_id, "source": mv.source,
-               "reused_training_run": reused_run, "reused_version": existing is not None,
-               "tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri, "tags": tags}
+               "model_id": model_id_of(mv) or model_id, "extra_aliases": extra_aliases, "reused_training_run": reused_run,
+               "reused_version": existing is not None, "tracking_uri": self.tracking_uri,
+               "registry_uri": self.registry_uri, "tags": tags, "metrics": expected}
         log.info("registered %s version %s (%s) from run %s", name, mv.version, alias, mv.run_id)
+        return out
+
+    def _model_for(self, folder: Path, meta: Mapping[str, Any], sha: str, run_id: Optional[str],
+                   values: Mapping[str, float]) -> Optional[str]:
+        """The model training logged for this adapter (adapter.json mlflow.model_id), when it is on this
+        server in the training run, holds these adapter files and carries no other evaluation; else None."""
+        from training.evaluate import logged_model
+
+        mid = (meta.get("mlflow") or {}).get("model_id")
+        model = logged_model(self.client, mid) if run_id else None
+        if model is None or model.source_run_id != run_id or str(model.status) != "READY":
+            return None
+        if model.tags.get("adapter_sha256") not in (None, sha):
+            return None
+        have = model_metrics(model)
+        if have and have != dict(values):
+            return None  # evaluated otherwise: this version gets its own model, with its own metrics
+        return mid
+
+    def version_metrics(self, mv) -> dict[str, Optional[float]]:
+        """A version's evaluation: the `eval.<name>` metrics of its logged model, None for each
+        `missing.<name>` tag; versions registered before models: their `metric.<name>` tags."""
+        from training.evaluate import logged_model
+
+        tags = dict(mv.tags or {})
+        model = logged_model(self.client, model_id_of(mv))
+        if model is None:
+            return tag_metrics(tags)
+        out: dict[str, Optional[float]] = dict(model_metrics(model))
+        out.update({k[len(MISSING_TAG):]: None for k in tags if k.startswith(MISSING_TAG)})
         return out
 
     def _log_json(self, run_id: str, obj: dict, artifact_path: str, filename: str) -> None:
@@ -528,12 +626,12 @@ class Registry:
             p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.client.log_artifact(run_id, str(p), artifact_path)
 
-    def _same_version(self, name: str, sha: str, tags: Mapping[str, str]):
-        keys = [k for k in tags if k.startswith(METRIC_PREFIX)] + ["eval_set", "adapter_sha256"]
+    def _same_version(self, name: str, sha: str, tags: Mapping[str, str], metrics: Mapping[str, Optional[float]]):
+        """A version of this adapter file with this evaluation (set and numbers), if there is one."""
         for mv in self.client.search_model_versions(f"name='{name}'"):
             t = mv.tags or {}
-            if t.get("adapter_sha256") == sha and all(t.get(k) == tags.get(k) for k in keys) and \
-                    sum(1 for k in t if k.startswith(METRIC_PREFIX)) == sum(1 for k in tags if k.startswith(METRIC_PREFIX)):
+            if t.get("adapter_sha256") == sha and t.get("eval_set") == tags.get("eval_set") and \
+                    self.version_metrics(mv) == dict(metrics):
                 return mv
         return None
 
@@ -566,7 +664,7 @@ class Registry:
             return {**base, "ok": True, "promoted": False, "reasons": ["candidate is already the champion"], "rows": []}
         ct = dict(cand.tags or {})
         ht = dict(champ.tags or {}) if champ is not None else None
-        d = gate(tag_metrics(ct), None if ht is None else tag_metrics(ht), self.cfg.gate_metrics,
+        d = gate(self.version_metrics(cand), None if ht is None else self.version_metrics(champ), self.cfg.gate_metrics,
                  min_improvement=self.cfg.min_improvement, candidate_eval_set=_eval_set(ct),
                  champion_eval_set=None if ht is None else _eval_set(ht),
                  require_same_eval_set=self.cfg.require_same_eval_set)
@@ -617,12 +715,12 @@ class Registry:
                      "latest": None, "tags": dict(rm.tags or {})} for rm in self.client.search_registered_models()]
         aliases = self._aliases_of(name)
         mvs = sorted(self.client.search_model_versions(f"name='{name}'"), key=lambda m: -int(m.version))
-        return [version_summary(m, aliases.get(str(m.version), [])) for m in mvs]
+        return [version_summary(m, aliases.get(str(m.version), []), self.version_metrics(m)) for m in mvs]
 
     def show(self, name: Optional[str] = None, ref: str | int = CHAMPION, *, method: Optional[str] = None) -> dict:
         name = self.model_name(method, name=name)
         mv = self.version(name, ref)
-        out = version_summary(mv, self._aliases_of(name).get(str(mv.version), []))
+        out = version_summary(mv, self._aliases_of(name).get(str(mv.version), []), self.version_metrics(mv))
         out["champion_history"] = self._history(name)
         return out
 

@@ -8,6 +8,10 @@ identity scale is the adapter's (`adapter.scale`); a delayed identity start (sca
 `delay_steps` steps) is set by `callback_on_step_end`. Image i's initial noise (and Euler-a's
 per-step noise) comes from its own CPU generator seeded with seeds[i], so it depends neither on
 the device nor on the batch it is in; on CPU a record re-runs to identical pixels.
+
+Image-to-image (`images`: one content image per prompt, `strength`): a diffusers
+`StableDiffusionImg2ImgPipeline` over the same components as the text-to-image pipeline (same
+scheduler, guidance, adapter and callbacks); the images set the output size.
 """
 from __future__ import annotations
 
@@ -76,15 +80,30 @@ def sample(
     height: Optional[int] = None,
     width: Optional[int] = None,
     regions: Optional[torch.Tensor] = None,
+    images: Optional[Sequence[np.ndarray]] = None,
+    strength: float = 0.75,
 ) -> np.ndarray:
     """B prompts, B seeds, B conditionings (per image: the conditioner inputs of its identities) ->
-    (B, H, W, 3) uint8 images. `adapter` None (or conditioning None): the base pipeline."""
+    (B, H, W, 3) uint8 images. `adapter` None (or conditioning None): the base pipeline. `images`:
+    B content images (H, W, 3) uint8 for image-to-image at `strength` (module doc)."""
     b = len(prompts)
     if len(seeds) != b or (conditioning is not None and len(conditioning) != b):
         raise ValueError(f"sample: {b} prompts, {len(seeds)} seeds, {len(conditioning or [])} conditionings")
     if steps < 1 or delay_steps < 0:
         raise ValueError("sample: steps >= 1, delay_steps >= 0")
+    if images is not None and (len(images) != b or not 0.0 < strength <= 1.0):
+        raise ValueError(f"sample: {b} prompts need {b} content images (got {len(images)}) and strength in (0, 1]")
     pipe.scheduler = make_scheduler(scheduler, base_scheduler_config(pipe))
+    size: dict[str, Any] = {"height": height, "width": width}
+    if images is not None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+        from PIL import Image
+
+        run = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        run.set_progress_bar_config(disable=True)
+        size = {"image": [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images], "strength": float(strength)}
+    else:
+        run = pipe
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {}
     old_scale = None
@@ -101,9 +120,9 @@ def sample(
 
         kwargs["callback_on_step_end"] = on_step_end
     try:
-        out = pipe(prompt=list(prompts), negative_prompt=[negative_prompt] * b if guidance > 1 else None,
-                   height=height, width=width, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                   generator=gens, output_type="pt", **kwargs)
+        out = run(prompt=list(prompts), negative_prompt=[negative_prompt] * b if guidance > 1 else None,
+                  num_inference_steps=int(steps), guidance_scale=float(guidance), generator=gens, output_type="pt",
+                  **size, **kwargs)
     finally:
         if adapter is not None:
             adapter.clear()

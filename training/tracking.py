@@ -6,15 +6,21 @@
   absolute (a relative one would be resolved against whatever directory a later reader runs in).
 * lineage: `shards_hash()` (the md5 DVC recorded for the shards folder in dvc.lock; 'none' when
   the folder is not a DVC output there or no longer matches it), `lineage_tags()` (the git commit
-  comes from `pipeline.gitinfo`).
+  comes from `pipeline.gitinfo`), `log_dataset()` (the shards as the run's MLflow dataset input,
+  context `training`: digest = that DVC md5, source = the shards folder or URL).
+* `mlflow_logger(trainer)`: the MLFlowLogger among the Trainer's loggers (a CSVLogger sits beside it);
+  `log_model_metrics()`: metrics on an MLflow logged model (MLflow 3 model metrics).
 * the experiment name is `mlflow.experiment` with "{method}" filled in (`experiment_name`).
 * `warn_random_weights()`: the loud warning when any model in the run has random weights.
 Everything that writes to MLflow is rank-0 only.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -93,6 +99,43 @@ def warn_random_weights(weights_real: Mapping[str, bool], what: str = "training"
                f"!!! the results are NOT meaningful; the run is tagged weights_random=true\n{bar}")
         rank_zero_only(log.warning)("%s", msg)
     return fake
+
+
+DIGEST_LEN = 36  # MLflow's dataset digest column (an md5 + ".dir" is 36)
+
+
+def shards_dataset(shards: str | os.PathLike, dvc_md5: str, data: Mapping[str, Any], members=()):
+    """The shards as an MLflow dataset (metadata only): name `shards`, source = the folder (absolute) or
+    URL, digest = the DVC md5 of the folder, else (not a DVC output) Persona's data signature, and a
+    schema naming the members the phase reads. None for synthetic data (no source to trace)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.schema import ColSpec, Schema
+
+    where = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    with warnings.catch_warnings():  # MLflow registers its local source for two schemes ("" and file:)
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        source = resolve_dataset_source(where)  # a folder, s3://..., ...: MLflow's source for that scheme
+    digest = dvc_md5 if dvc_md5 and dvc_md5 != "none" else \
+        hashlib.sha256(str(data.get("signature", "")).encode()).hexdigest()[:DIGEST_LEN]
+    schema = Schema([ColSpec("binary", m) for m in members]) if members else None
+    return MetaDataset(source, name="shards", digest=digest[:DIGEST_LEN], schema=schema)
+
+
+@rank_zero_only
+def log_dataset(logger, shards: str | os.PathLike, dvc_md5: str, data: Mapping[str, Any], members=(),
+                synthetic: bool = False) -> None:
+    """The shards as the run's dataset input (context `training`; tag `persona.digest`: which digest)."""
+    if logger is None or synthetic:
+        return
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    ds = shards_dataset(shards, dvc_md5, data, members)
+    kind = "dvc-md5" if dvc_md5 and dvc_md5 != "none" else "persona-data-signature"
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("persona.digest", kind),
+            InputTag("persona.train_samples", str(data.get("train_samples")))]
+    logger.experiment.log_inputs(logger.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])
 
 
 # ============================================================================================
@@ -181,3 +224,22 @@ def run_info(logger, cfg: MlflowConfig, method: str) -> dict[str, Optional[str]]
         info["run_id"] = logger.run_id
         info["artifact_uri"] = logger.experiment.get_run(logger.run_id).info.artifact_uri
     return info
+
+
+def mlflow_logger(trainer):
+    """The MLFlowLogger among the Trainer's loggers (None without one)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return next((lg for lg in getattr(trainer, "loggers", None) or [] if isinstance(lg, MLFlowLogger)), None)
+
+
+@rank_zero_only
+def log_model_metrics(logger, model_id: Optional[str], metrics: Mapping[str, float], step: int) -> None:
+    """Numbers as metrics of the logged model `model_id` (MLflow 3), through the logger's run."""
+    if logger is None or not model_id or not metrics:
+        return
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    logger.experiment.log_batch(logger.run_id, metrics=[Metric(k, float(v), ts, int(step), model_id=model_id)
+                                                        for k, v in metrics.items()])

@@ -9,15 +9,23 @@ Outputs (paths from the `train` section; M = method, P = the phase's output name
     <out_dir>/M/P/adapter.safetensors    the adapter (`training.adapter.save_adapter`: self-describing,
                                           EMA weights when ema > 0; never the frozen UNet)
     <out_dir>/M/P/adapter.json           {"method", "phase", "base_model", "conditioner", "injection",
-                                          "scale", "mlflow", "lineage", "weights_real", "global_step", "seed", ...}
+                                          "scale" (the method's default inference lambda), "mlflow",
+                                          "lineage", "weights_real", "global_step", "seed",
+                                          "phase_record" (`Phase.record` of the bound phase), ...}
     <checkpoints_dir>/M/P/               Lightning checkpoints (trained weights + optimizer + schedule +
                                           EMA), last N kept + last.ckpt, run.json
-    <metrics_dir>/train_M_P.json         final / first loss terms, steps, throughput (DVC metrics)
-    <plots_dir>/train_M_P.csv            step,loss[,<term>...] (DVC plots)
+    <checkpoints_dir>/M/P/csv/metrics.csv  Lightning's CSVLogger: every logged step (loss, loss_<term>, lr,
+                                          throughput), kept exact across resumes (training.logs.CSVResume)
+    <metrics_dir>/train_M_P.json         DVC metrics, numbers only: steps, seconds, last / first / mean of the
+                                          last 10 of each loss term, samples/s
+    <plots_dir>/train_M_P/<name>.csv     DVC plots from that CSV: step,<name> for loss, each loss_<term>, lr,
+                                          samples_per_sec
     <plots_dir>/train_M_P_samples.png    final sample grid (top: reference faces, bottom: generated)
 MLflow run (experiment `train.mlflow.experiment`, "{method}" filled in): params, metrics (loss,
-loss_<term>, lr, samples_per_s), sample grids (`samples/`), the adapter (`adapter/adapter.safetensors`
-+ `adapter/adapter.json`) and lineage tags.
+loss_<term>, lr, train/... throughput: Lightning's MLFlowLogger, LearningRateMonitor, ThroughputMonitor),
+the shards as a dataset input (digest: their DVC md5), sample grids (`samples/`), the metrics and
+plot files, lineage tags, and the adapter as an MLflow model (`training.pyfunc`: a pyfunc that
+generates images from prompts and reference photos; its id is recorded in adapter.json `mlflow.model_id`).
 
 Resume (`resume="auto"`): when <checkpoints_dir>/M/P/run.json has this run's signature (config
 minus max_steps / logging knobs, data, base model, init adapter, code), training continues from the
@@ -26,18 +34,19 @@ fresh. `resume="never"` always starts fresh; a path resumes from that checkpoint
 """
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -49,7 +58,7 @@ from pipeline.gitinfo import git_commit, git_dirty
 from pipeline.images import encode_png
 from pipeline.models.base import file_fingerprint, text_fingerprint
 from pipeline.models.diffusion import DiffusionComponents, load_diffusion
-from training import methods, tracking
+from training import logs, methods, tracking
 from training.adapter import PersonaAdapter, read_adapter_file, save_adapter
 from training.config import TrainConfig, TrainParams, flat_params, method_options, run_signature, train_params
 from training.data import PersonaDataModule
@@ -132,17 +141,22 @@ def init_adapter_path(tp: TrainParams, method: Method, phase: Phase) -> Optional
     return output_dir(tp.train.out_dir, method, prev, tp.phase(method.name, prev.name)) / ADAPTER_FILE
 
 
-def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: DiffusionComponents) -> tuple[PersonaAdapter, Optional[Path]]:
+def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: DiffusionComponents,
+                  source: Any = None) -> tuple[PersonaAdapter, Optional[Path]]:
     """A fresh adapter installed on `comps` (conditioner init seeded by (its class, train.seed)), with
-    the init adapter's tensors loaded when the phase starts from one. Adapter weights are fp32
-    whatever the frozen parts' dtype."""
+    the init adapter's tensors loaded when the phase starts from one, else calibrated on the training
+    samples `source` (`Method.calibrate`; its record in `adapter.calibration`). Adapter weights are
+    fp32 whatever the frozen parts' dtype."""
     mcfg = tp.method(method.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(f"{method.conditioner.__name__.lower()}-init", tp.train.seed) % (2**63))
         cond = method.conditioner(**method.conditioner_config(mcfg, comps))
     inj = method.injection(**method.injection_config(mcfg, comps))
     adapter = PersonaAdapter(method.name, cond, inj, phase=phase.name, base_model=base_model_record(tp.train))
+    adapter.calibration = {}
     init = init_adapter_path(tp, method, phase)
+    if init is None and source is not None:
+        adapter.calibration = dict(method.calibrate(cond, source, mcfg) or {})
     if init is not None:
         if not init.is_file():
             raise FileNotFoundError(f"{method.name}.{phase.name} starts from the adapter {init}, which does not exist "
@@ -161,6 +175,13 @@ def build_adapter(method: Method, phase: Phase, tp: TrainParams, comps: Diffusio
         adapter.pending = {k: v for k, v in tensors.items() if not k.startswith("conditioner.")}
     adapter.install(comps, dtype=torch.float32)
     return adapter, init
+
+
+def conditioner_weights_real(adapter: PersonaAdapter) -> dict[str, bool]:
+    """{"conditioner.<model>": weights_real} of models a conditioner runs itself (an optional
+    `weights_real()` method of the conditioner, e.g. a frozen feature extractor)."""
+    fn = getattr(adapter.conditioner, "weights_real", None)
+    return {f"conditioner.{k}": bool(v) for k, v in (fn() if callable(fn) else {}).items()}
 
 
 def code_fingerprint(method: Method) -> str:
@@ -296,8 +317,8 @@ class SampleGrids(Callback):
         path = self.folder / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(image_grid([self.val["face"], imgs])))
-        if trainer is not None and trainer.logger is not None:
-            tracking.log_artifacts(trainer.logger, [path], "samples")
+        if trainer is not None:
+            tracking.log_artifacts(tracking.mlflow_logger(trainer), [path], "samples")
         self.last_step = step
         return path
 
@@ -318,47 +339,13 @@ def export_adapter(module: PersonaModule, folder: Path, record: dict) -> tuple[P
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"global_step": str(record["global_step"]), "seed": str(record["seed"]),
             "resolution": str(record["resolution"])}
+    if record.get("phase_record"):
+        meta["phase_record"] = json.dumps(record["phase_record"], sort_keys=True)
     with module.export_weights() as adapter:
         st = save_adapter(adapter, folder / ADAPTER_FILE, metadata=meta)
     js = folder / RECORD_FILE
     atomic_write_json(js, record)
     return st, js
-
-
-def history_columns(history: Sequence[Mapping[str, float]]) -> list[str]:
-    """step, loss, then the other terms in the order they were first logged."""
-    cols = ["step", "loss"]
-    for row in history:
-        cols += [k for k in row if k not in cols]
-    return cols
-
-
-def write_plot(history: Sequence[Mapping[str, float]], path: Path) -> Path:
-    """CSV step,loss[,<term>...] (one row per logged step)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = history_columns(history)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for row in history:
-            w.writerow([int(row["step"])] + [f"{row[c]:.6g}" if c in row else "" for c in cols[1:]])
-    return path
-
-
-def summarize(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """First / last / mean-of-last-10 of each logged loss term (`loss`, `loss_<term>`)."""
-    out: dict[str, float] = {}
-    if not history:
-        return out
-    tail = history[-10:]
-    for c in history_columns(history)[1:]:
-        key = "loss" if c == "loss" else f"loss_{c}"
-        vals = [r[c] for r in history if c in r]
-        out[key] = round(float(vals[-1]), 6)
-        out[f"{key}_first"] = round(float(vals[0]), 6)
-        t = [r[c] for r in tail if c in r]
-        out[f"{key}_last10_mean"] = round(sum(t) / len(t), 6) if t else None
-    return out
 
 
 # ============================================================================================
@@ -368,7 +355,9 @@ def summarize(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
 def _quiet_lightning() -> None:
     for pat in (r".*does not have many workers.*", r".*module\(s\) in eval mode.*", r".*Tensor Cores.*",
                 r".*LightningModule.*has parameters that were not used.*", r".*`training_step` returned `None`.*",
-                r".*Checkpoint directory .* exists and is not empty.*", r".*treespec, LeafSpec.*"):
+                r".*Checkpoint directory .* exists and is not empty.*", r".*treespec, LeafSpec.*",
+                r".*Experiment logs directory .* exists and is not empty.*",  # CSVLogger on resume (CSVResume)
+                r".*`ThroughputMonitor`.*"):
         warnings.filterwarnings("ignore", message=pat)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
@@ -409,13 +398,14 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(tp, m, ph, pcfg, device, t0, fast_dev_run, resume, trainer_kwargs, callbacks, prepare_trainer)
+        return _train(tp, m, ph, pcfg, device, t0, fast_dev_run, resume, trainer_kwargs, callbacks, prepare_trainer,
+                      params)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, device: str, t0: float, fast_dev_run: bool,
-           resume: str, trainer_kwargs, callbacks, prepare_trainer) -> dict[str, Any]:
+           resume: str, trainer_kwargs, callbacks, prepare_trainer, params=None) -> dict[str, Any]:
     cfg = tp.train
     precision = resolve_precision(cfg.precision, device)
     if device == "cuda":
@@ -424,12 +414,14 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     tag = f"{method.name}.{phase.output_name(pcfg)}"
 
     comps = load_components(cfg, resolve_frozen_dtype(cfg.frozen_dtype, precision))
-    adapter, init = build_adapter(method, phase, tp, comps)
     dm = PersonaDataModule(method, phase, cfg, pcfg)
     dm.setup()
+    phase = dm.phase  # bound to the training data (`Phase.bind`)
+    adapter, init = build_adapter(method, phase, tp, comps, source=dm.train_source)
     data = dm.describe()
     weights_real = {f"diffusion.{k}": bool(v.weights_real) for k, v in comps.info.items()}
     weights_real.update(dm.weights_real())
+    weights_real.update(conditioner_weights_real(adapter))
     tracking.warn_random_weights(weights_real, f"training {tag}")
     base_fp = sorted((k, v.fingerprint) for k, v in comps.info.items())
     signature = run_signature(tp, method.name, phase.name, data["signature"], base_fp,
@@ -451,19 +443,25 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     module = PersonaModule(method, phase, pcfg, cfg.seed, comps, adapter, signature)
     val = dm.val_examples()
     grids = SampleGrids(val, pcfg.sample_every, ckdir / "samples", cfg.sampling)
-    cbs: list[Callback] = [grids]
-    if not fast_dev_run:
+    csv_log = None if fast_dev_run else logs.csv_logger(ckdir)
+    cbs: list[Callback] = []
+    if csv_log is not None:  # first: its on_train_batch_end runs before any checkpoint is written
+        cbs.append(logs.CSVResume(csv_log))
+    cbs.append(grids)
+    if not fast_dev_run:  # the monitors log to the loggers (fast_dev_run has none)
+        cbs += logs.monitors(tag, pcfg.log_every, lambda batch: int(len(batch["image"])))
         cbs.append(checkpoint_callback(ckdir, pcfg.checkpoint_every, pcfg.keep_last))
     cbs += list(callbacks or [])
+    loggers = [lg for lg in (logger, csv_log) if lg is not None]
     tk = dict(trainer_kwargs or {})
     plugins = [AtomicCheckpointIO()] + list(tk.pop("plugins", []) or [])
     kwargs: dict[str, Any] = dict(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-        max_steps=pcfg.max_steps, logger=logger if logger is not None else False, callbacks=cbs,
+        max_steps=pcfg.max_steps, logger=loggers or False, callbacks=cbs,
         gradient_clip_val=pcfg.grad_clip or None, accumulate_grad_batches=pcfg.accumulate,
         log_every_n_steps=pcfg.log_every, enable_checkpointing=not fast_dev_run, fast_dev_run=fast_dev_run,
         plugins=plugins, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(ckdir), enable_progress_bar=False,
+        default_root_dir=str(ckdir), enable_progress_bar=not fast_dev_run,
     )
     kwargs.update(tk)
     trainer = L.Trainer(**kwargs)
@@ -473,6 +471,8 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     if logger is not None and trainer.is_global_zero:
         hp = {"method": method.name, "phase": phase.name, "signature": signature, "precision": precision,
               "device": device, "data.train_samples": data["train_samples"], "data.source": data["source"],
+              **{k: v for k, v in flat_params(data.get("sampler") or {}, "data.sampler.").items()
+                 if not isinstance(v, (list, tuple))},
               **flat_params({k: v for k, v in tp.as_dict().items() if k not in ("methods", "runs")}, "train."),
               **flat_params(method_options(tp, method.name), "method."), **flat_params(pcfg, "phase.")}
         if init:
@@ -481,9 +481,11 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
             logger.log_hyperparams(hp)
         except Exception as e:  # noqa: BLE001 - a resumed run with a changed non-trajectory param
             log.warning("MLflow params not (re)logged: %s", e)
-        (ckdir / RUN_FILE).write_text(json.dumps({"signature": signature, "run_id": logger.run_id,
-                                                  "tracking_uri": cfg.mlflow.tracking_uri, "method": method.name,
-                                                  "phase": phase.name}, indent=2) + "\n")
+        tracking.log_dataset(logger, cfg.shards, shards, data, dm.examples.keys, synthetic=bool(cfg.synthetic))
+    if not fast_dev_run and trainer.is_global_zero:  # what a later run resumes (with or without MLflow)
+        (ckdir / RUN_FILE).write_text(json.dumps({"signature": signature, "run_id": logger.run_id if logger else None,
+                                                  "tracking_uri": cfg.mlflow.tracking_uri if logger else None,
+                                                  "method": method.name, "phase": phase.name}, indent=2) + "\n")
 
     log.info("%s: %s, %s, %d train samples, resume=%s", tag, device, precision, data["train_samples"], ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -497,49 +499,104 @@ def _train(tp: TrainParams, method: Method, phase: Phase, pcfg: PhaseConfig, dev
     final_grid = None
     if not fast_dev_run:
         final_grid = grids.render(trainer, module, step) if grids.last_step != step else grids.folder / f"step_{step:06d}.png"
+    from training import pyfunc
+
     mlflow_info = tracking.run_info(logger, cfg.mlflow, method.name)
+    model_id = None
+    if logger is not None:  # the MLflow model's id goes into adapter.json before the files are logged into it
+        model_id = pyfunc.create_model(logger.experiment, logger.run_id, tags={"method": method.name, "phase": phase.name})
     record = {
         "method": method.name, "phase": phase.name, "output": phase.output_name(pcfg),
         "base_model": base_model_record(cfg),
         "conditioner": adapter.conditioner.config(), "injection": adapter.injection.config(),
-        "trained_base": list(adapter.trained_base), "scale": 1.0,
-        "mlflow": {k: mlflow_info[k] for k in ("tracking_uri", "run_id", "experiment")},
+        "trained_base": list(adapter.trained_base), "scale": float(method.inference_scale(tp.method(method.name))),
+        "mlflow": {**{k: mlflow_info[k] for k in ("tracking_uri", "run_id", "experiment")}, "model_id": model_id,
+                   "model_uri": f"models:/{model_id}" if model_id else None},
         "lineage": {"git_commit": commit, "shards_hash": shards},
         "weights_real": weights_real, "global_step": step, "seed": cfg.seed,
         # extras (not part of the minimal contract)
         "mlflow_extra": {k: mlflow_info[k] for k in ("registry_uri", "artifact_uri")},
         "resolution": cfg.resolution, "ema": pcfg.ema or None, "signature": signature,
         "init": {"path": str(init), "sha256": sha256_file(init)} if init else None,
+        "calibration": getattr(adapter, "calibration", None) or None,
         "fast_dev_run": bool(fast_dev_run),
+        "phase_record": phase.record(pcfg),
     }
+    if data.get("sampler"):
+        record["sampler"] = data["sampler"]
     st, js = export_adapter(module, out, record)
     if not fast_dev_run:
         prune_checkpoints(ckdir, pcfg.keep_last)
+    history = logs.read_history(Path(csv_log.log_dir) / "metrics.csv") if csv_log is not None else \
+        [{"step": max(step - 1, 0), **{k: float(v) for k, v in trainer.logged_metrics.items()}}]
     seconds = round(time.perf_counter() - t0, 3)
-    metrics = {"method": method.name, "phase": phase.name, "global_step": step, "seconds": seconds,
-               **summarize(module.history),
-               "samples_per_s": round(float(module._last_log.get("samples_per_s", 0.0)), 3),
-               "weights_random": not all(weights_real.values()),
-               "resumed_from_step": _ckpt_step(ckpt_path)}
+    metrics: dict[str, Any] = {"global_step": step, "seconds": seconds, **logs.summarize(history),
+                               **sampler_metrics(data.get("sampler"))}
+    if ckpt_path is not None:
+        metrics["resumed_from_step"] = _ckpt_step(ckpt_path)
     if not fast_dev_run:
         stem = f"train_{method.name}_{phase.output_name(pcfg)}"
         Path(cfg.metrics_dir).mkdir(parents=True, exist_ok=True)
         mpath = Path(cfg.metrics_dir) / f"{stem}.json"
         mpath.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        ppath = write_plot(module.history, Path(cfg.plots_dir) / f"{stem}.csv")
+        plots = logs.write_plots(history, Path(cfg.plots_dir) / stem)
+        gpath = Path(cfg.plots_dir) / f"{stem}_samples.png"
+        gpath.unlink(missing_ok=True)
         if final_grid is not None and Path(final_grid).is_file():
-            gpath = Path(cfg.plots_dir) / f"{stem}_samples.png"
-            gpath.write_bytes(Path(final_grid).read_bytes())
+            shutil.copyfile(final_grid, gpath)
         if logger is not None:
-            tracking.log_artifacts(logger, [st, js], "adapter")
-            tracking.log_artifacts(logger, [ppath, mpath], "metrics")
+            tracking.log_artifacts(logger, [mpath], "metrics")
+            tracking.log_artifacts(logger, plots, "plots")
             tracking.set_tags(logger, {"global_step": step})
             logger.experiment.log_metric(logger.run_id, "train_seconds", seconds, step=step)
-    result.update(adapter=str(st), adapter_json=str(js), record=record, metrics=metrics,
+            pyfunc.log_adapter_model(logger.experiment, out, run_id=logger.run_id, model_id=model_id,
+                                     kit=pyfunc.kit_params(full_params(params)), step=step,
+                                     example_reference=example_reference(dm))
+    result.update(adapter=str(st), adapter_json=str(js), record=record, metrics=metrics, model_id=model_id,
                   run_id=mlflow_info["run_id"], tracking_uri=mlflow_info["tracking_uri"], seconds=seconds)
     print(f"[train {tag}] done: step {step}, loss {metrics.get('loss')}, adapter {st}, "
           f"mlflow run {mlflow_info['run_id']} in {seconds:.1f}s", flush=True)
     return result
+
+
+def full_params(params: Union[Params, Mapping[str, Any], str, os.PathLike, None]) -> Params:
+    """The whole params (every section) from what `train()` was given."""
+    from pipeline.config import load_params, params_from_dict
+
+    if isinstance(params, Params):
+        return params
+    if isinstance(params, (str, os.PathLike)):
+        return load_params(params)
+    return params_from_dict(dict(params or {}))
+
+
+def example_reference(dm: PersonaDataModule, max_side: int = 256) -> Optional[bytes]:
+    """A photo for the MLflow model's input example: the first validation (else training) sample's
+    in-the-wild crop, as JPEG of at most `max_side` px (None for synthetic data, which holds no faces:
+    the model then uses its default photo)."""
+    from PIL import Image
+
+    from pipeline.images import encode_jpeg
+
+    if dm.cfg.synthetic:
+        return None
+    for src in (dm.val_source, dm.train_source):
+        if src is not None and len(src):
+            try:
+                img = src.get(0, ("jpg",)).get("jpg")
+            except (KeyError, ValueError):
+                continue
+            if img is not None:
+                im = Image.fromarray(img)
+                im.thumbnail((max_side, max_side))
+                return encode_jpeg(np.asarray(im), quality=90)
+    return None
+
+
+def sampler_metrics(report: Optional[Mapping[str, Any]]) -> dict[str, float]:
+    """The numeric entries of the sampler's data report (`Sampler.describe`) as `sampler_<key>` metrics."""
+    return {f"sampler_{k}": v for k, v in (report or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _ckpt_step(path: Optional[Path]) -> Optional[int]:

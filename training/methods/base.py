@@ -80,6 +80,17 @@ class Phase:
                  "unet", "text_encoder" (base parts; then saved with the adapter); the rest is frozen
       init       the phase whose output this one starts from by default (None: a fresh adapter)
       members    shard members the examples read (the method's `needs` are added)
+      splits     shard splits it trains on (default the train split; a per-identity fine-tune may
+                 read an identity from any split)
+      per_identity  one run per identity: its config has an `identity` field, `output_name` names
+                 the output per identity, and `persona personalize` runs it (one identity, or one
+                 Ray task per identity)
+
+    Data-bound phases: `bind(cfg, source)` returns the phase bound to the run's training source
+    (called once per process by the data module, before any batch): what it derives from the data
+    (e.g. the identity's photos, per-dimension statistics) lives on the returned instance, which the
+    data loaders and the objective then use. `record(cfg)` (on the bound phase) adds JSON facts to
+    the adapter record (`adapter.json["phase_record"]`, see there).
     """
 
     name: str = ""
@@ -87,6 +98,26 @@ class Phase:
     trains: tuple[str, ...] = ("conditioner", "injection")
     init: Optional[str] = None
     members: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train",)
+    per_identity: bool = False
+
+    # ---------------------------------------------------------------- binding to the data
+    def bind(self, cfg: PhaseConfig, source: Any) -> "Phase":
+        """The phase bound to the run's training source (`pipeline.shard_reader.ShardIndex` or
+        `MemorySource` over `splits`): a new instance holding what it derives from the data, or self
+        (default: nothing to derive). Raise `DataVerdict` when the data cannot serve the phase (e.g.
+        too few photos of the identity): a recorded verdict, not a failure of the run."""
+        return self
+
+    def record(self, cfg: PhaseConfig) -> dict[str, Any]:
+        """JSON facts of the (bound) phase for the adapter record, `adapter.json["phase_record"]`:
+        anything informational (e.g. the identity, the adapter it started from), plus two keys
+        generic code reads: `evaluation_faces` (shard keys: `persona evaluate` scores the adapter on
+        these faces, from any split, instead of the held-out identities of `evaluate.split`) and
+        `registry` ({"tags": {...}, "aliases": [...]}: added when the adapter is registered).
+        For a per-identity phase it is also part of the personalisation cache key, so it must name
+        everything of the data that shapes the weights. Default: {}."""
+        return {}
 
     # ---------------------------------------------------------------- data (DataLoader workers)
     def trainable(self, cfg: PhaseConfig) -> tuple[str, ...]:
@@ -142,6 +173,19 @@ class Phase:
         return self.name
 
 
+class DataVerdict(ValueError):
+    """The training data cannot serve a phase (e.g. an identity with too few usable photos): a
+    verdict about the input, recorded as such with its `reason` code (not retried), never a failure
+    of the run."""
+
+    def __init__(self, message: str, reason: str = "unusable_data"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))
+
+
 # ============================================================================================
 # generation inputs
 
@@ -164,6 +208,18 @@ class Prepared:
     record: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MethodFlag:
+    """A `persona generate` flag of a method: `<flag> VALUE` means `--input <target>=VALUE` (kind
+    "input": a file) or `--option <target>=VALUE` (kind "option"); `Method.prepare` reads it."""
+
+    flag: str  # e.g. "--style-ref"
+    kind: Literal["input", "option"]
+    target: str  # the input / option name
+    metavar: str = "VALUE"
+    help: str = ""
+
+
 # ============================================================================================
 # the method
 
@@ -180,6 +236,11 @@ class Method:
       needs         shard members the conditioner inputs are made from
       input_keys    names of the conditioner inputs (batch keys)
       stage_aliases `persona train --stage N` -> phase name (e.g. {"1": "stage1"})
+      flags         `MethodFlag`s `persona generate` accepts for this method (read by `prepare`)
+
+    Optional hooks (defaults do nothing): `calibrate` (data-dependent init of a fresh conditioner),
+    `prompt` (the prompt the model sees for a prompt written for any method), `extra_metrics` /
+    `evaluation_metrics` (method-specific metrics of `persona evaluate`).
     """
 
     name: str = ""
@@ -190,6 +251,7 @@ class Method:
     needs: tuple[str, ...] = ()
     input_keys: tuple[str, ...] = ()
     stage_aliases: Mapping[str, str] = {}
+    flags: tuple[MethodFlag, ...] = ()
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
@@ -205,6 +267,20 @@ class Method:
         """Constructor kwargs of a fresh injection."""
         return {}
 
+    def calibrate(self, conditioner: torch.nn.Module, source: Any, cfg: Any) -> dict:
+        """Data-dependent initialisation of a FRESH conditioner from the training samples, before
+        training (e.g. input standardisation statistics held in buffers, which the adapter file keeps).
+        `source`: the training data's random-access reader (`len(source)`, `source.get(i, members)`
+        -> a decoded sample); `cfg`: the method's params section. Called once per phase that starts
+        from a fresh adapter (an init adapter brings its own). Returns what to record in adapter.json
+        (`calibration`). Default: nothing."""
+        return {}
+
+    def inference_scale(self, cfg: Any) -> float:
+        """The identity scale lambda generation and evaluation use when their params leave it
+        unset (recorded as `scale` in adapter.json). Default 1.0."""
+        return 1.0
+
     # ---------------------------------------------------------------- conditioner inputs
     def inputs(self, samples: Sequence[dict], weights: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
         """Decoded shard samples of ONE identity (its references; training: the sample itself) ->
@@ -214,14 +290,42 @@ class Method:
     def prepare(self, identity: Identity, files: Mapping[str, str], options: Mapping[str, str], kit: Any) -> Prepared:
         """Generation: one requested identity -> conditioner inputs. `files` / `options`: the
         request's method-specific named input files and options (`persona generate --input NAME=PATH
-        --option KEY=VALUE`); `kit` (`training.references.ReferenceKit`) turns reference photos into
-        shard-like samples holding the members in `needs`. Default: `inputs(kit.samples(refs))`."""
+        --option KEY=VALUE`, or `--KEY VALUE` for the names in `options`); `kit`
+        (`training.references.ReferenceKit`) turns reference photos into shard-like samples holding
+        the members in `needs`; `kit.content` is the request's content photo (image-to-image), or
+        None. Default: `inputs(kit.samples(refs))`."""
         if files or options:
             raise ValueError(f"method '{self.name}' takes no --input / --option (got {sorted(files)} {sorted(options)})")
         if not identity.references:
             raise ValueError(f"method '{self.name}': give reference photo(s)")
         samples = kit.samples(identity.references, self.needs)
         return Prepared(self.inputs(samples, identity.weights), {"references": kit.records(identity.references)})
+
+    # ---------------------------------------------------------------- evaluation
+    def extra_metrics(self, images: Sequence[np.ndarray], samples: Sequence[Mapping[str, Any]],
+                      references: Sequence[np.ndarray]) -> dict[str, dict]:
+        """Method-specific evaluation metrics (`persona evaluate` adds them to its own): `images` the
+        generated (H, W, 3) uint8 images, `samples` one record per image ("identity", "key" (the
+        evaluated face), "prompt", "prompt_index", "seed", "face_detected", "identity_similarity"),
+        `references` the reference face (uint8) of each image. Returns {name: entry} in the
+        evaluation's format (`training.evaluate.value(v, n, ...)` / `missing(reason, ...)`). Default: none."""
+        return {}
+
+    def prompt(self, prompt: str, adapter: Any) -> str:
+        """The prompt the model sees for `prompt`, a prompt written for any method (the evaluation
+        prompts, `persona generate --prompt`), with this method's `adapter` (a `PersonaAdapter`):
+        e.g. a method whose identity enters through an identifier word puts the word in. Default:
+        unchanged."""
+        return prompt
+
+    def evaluation_metrics(self, run: Any) -> dict[str, dict]:
+        """Method-specific metrics that need more than the evaluation's images (`extra_metrics` is
+        enough otherwise): `run` (`training.evaluate.EvalRun`) holds the faces, their conditioner
+        inputs, the generated images, `generate(...)` with the evaluation's sampler settings (extra
+        images, e.g. with other inputs) and the scorer, still open (its detector). Returns {name:
+        `training.evaluate.value(...)` or `missing(reason)`}, reported beside the evaluation's own
+        metrics (whose names they may not take). Default: none."""
+        return {}
 
 
 def mix(arrays: Sequence[np.ndarray], weights: Optional[Sequence[float]] = None) -> np.ndarray:
