@@ -39,7 +39,7 @@ def measure(method: str, phase: str, *, preset: str, device: str, px: int, batch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     step = MethodStep(method, phase, preset=preset, device=device, resolution=px, batch_size=batch,
-                      precision=precision, checkpointing=checkpointing, synthetic=max(16, 2 * batch))
+                      precision=precision, checkpointing=checkpointing, synthetic=max(32, 2 * batch))
     weights_mb = (torch.cuda.memory_allocated() / 2**20) if cuda else None
     batches = [step.batch(b) for b in range(warmup + steps)]
     for b in batches[:warmup]:
@@ -52,7 +52,10 @@ def measure(method: str, phase: str, *, preset: str, device: str, px: int, batch
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / max(1, steps)
-    out = {"step_seconds": round(dt, 4), "samples_per_s": round(batch / dt, 2), "trainable_parameters": step.trainable}
+    out = {"step_seconds": round(dt, 4), "samples_per_s": round(step.batch_size / dt, 2),
+           "trainable_parameters": step.trainable}
+    if step.batch_size != batch:  # a phase whose sampler fixes the batch layout (identity groups)
+        out["effective_batch"] = step.batch_size
     if cuda:
         out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),

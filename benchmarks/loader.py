@@ -4,7 +4,9 @@ Data: the faces of the `stage_throughput` build (built here when missing), writt
 writer (`pipeline.shards.write_shards`) at `--per-shard` samples per tar. The e4e stage is not built in
 the benchmarks (no real weights here, ~4 s per face on this CPU), so the `wplus.npy` members are random
 (18, 512) codes of the real shape and dtype, written by a `wplus` table made here (the reader's cost of
-that member is the same; their values are not used for anything but feeding the step).
+that member is the same; their values are not used for anything but feeding the step). The
+`expression`, `clip_image` (tiny random CLIP) and `instances` stages run on that build, so the shards
+hold every member a registered method reads.
 
 For each (method, phase) in the method registry whose members the shards hold:
 - loader: the training data module itself (`training.data.PersonaDataModule`: `ShardIndex` random
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, MethodStep, method_phases, quiet_lightning, table, write_result
+from benchmarks.common import RESULTS, MethodStep, method_phases, quiet_lightning, sized_sampler, table, write_result
 from benchmarks.workload import WORK, params_for, photo_set, quiet
 
 TARGET = 3.0
@@ -64,6 +66,27 @@ def ensure_build(n: int) -> Path:
     return root
 
 
+LATER = ("expression", "clip_image", "instances")  # cheap on CPU (mesh geometry, the tiny CLIP, label maps)
+
+
+def later_stages(root: Path) -> None:
+    """The members the other methods read (expr.npy, clip.npy, inst.png), by their real stages."""
+    import importlib
+
+    from benchmarks.workload import context, start_ray, stop_ray
+
+    todo = [s for s in LATER if not (root / s / "table.parquet").exists()]
+    if not todo:
+        return
+    params = params_for(Path("."), root, None)
+    start_ray(params)
+    try:
+        for s in todo:
+            importlib.import_module(f"stages.{s}").run(context(params, root))
+    finally:
+        stop_ray()
+
+
 def random_wplus(root: Path) -> int:
     """A `wplus` table of random (18, 512) codes for the aligned faces (see the module doc)."""
     from pipeline.images import encode_npy
@@ -91,7 +114,7 @@ def make_shards(root: Path, out: Path, per_shard: int) -> dict:
     from stages.shards import join
 
     cfg = params_for(Path("."), root, None, shards={"samples_per_shard": per_shard, "val_fraction": 0.0,
-                                                     "required": ["masks", "identity", "wplus"], "optional": ["caption"]}).shards
+                                                     "required": ["masks", "identity", "wplus", *LATER], "optional": ["caption"]}).shards
     joined = join(root, cfg)
     index, _ = write_shards(joined, out, cfg)
     return index
@@ -118,7 +141,10 @@ def measure_loader(method: str, phase: str, shards: Path, resolution: int, draft
 
     tp = train_config(shards, resolution, draft)
     m = methods.get(method)
-    pcfg = dataclasses.replace(tp.phase(method, phase), batch_size=BATCH, accumulate=1)
+    pcfg = dataclasses.replace(tp.phase(method, phase), accumulate=1)
+    own = m.phases[phase].sampler(pcfg)
+    if sized_sampler(own, BATCH)[0] is own:  # a free batch size; else the phase's own batch layout
+        pcfg = dataclasses.replace(pcfg, batch_size=BATCH)  # (identity groups: samples/s compare all the same)
     dm = PersonaDataModule(m, m.phases[phase], tp.train, pcfg)
     dm.setup()
     rates, first = [], []
@@ -137,7 +163,7 @@ def measure_loader(method: str, phase: str, shards: Path, resolution: int, draft
         del it, dl
     return {"samples_per_s": round(max(rates), 1), "median_samples_per_s": round(float(np.median(rates)), 1),
             "per_pass": [round(r, 1) for r in rates], "first_batch_s": [round(x, 3) for x in first],
-            "samples_per_pass": batches * BATCH, "image_shape": list(b["image"].shape),
+            "samples_per_pass": batches * pcfg.batch_size, "image_shape": list(b["image"].shape),
             "members_read": list(dm.examples.keys), "draft_sizes": dict(dm.examples.sizes)}
 
 
@@ -243,6 +269,7 @@ def main() -> None:
     work = WORK / "loader"
     root = ensure_build(args.n)
     random_wplus(root)
+    later_stages(root)
     shards = work / "shards"
     index = make_shards(root, shards, args.per_shard)
     have = set(index["sample_keys"])

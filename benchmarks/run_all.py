@@ -58,12 +58,15 @@ def main() -> None:
     timings, rows = {}, []
     for name in names:
         print(f"== {name}", flush=True)
+        started = time.time()
         rc, dt = run(name)
-        timings[name] = {"returncode": rc, "seconds": round(dt, 1)}
         res = {}
         p = RESULTS / f"{name}.json"
-        if p.exists():
+        if p.exists() and p.stat().st_mtime >= started:  # written by this run (not a stale file of an earlier one)
             res = json.loads(p.read_text())
+        elif rc == 0:
+            rc = -1  # exited without writing its result
+        timings[name] = {"returncode": rc, "seconds": round(dt, 1)}
         targets = res.get("targets", {})
         met = "skipped" if res.get("skipped") else f"{sum(bool(v) for v in targets.values())}/{len(targets)}"
         rows.append((name, "ok" if rc == 0 else f"FAILED ({rc})", f"{dt:.0f}", met,
