@@ -22,7 +22,7 @@ Target: loader >= 3 x the step's samples/s at 64 px, per method phase. The SD-1.
 (>= 1 x the GPU benchmark's batch-8 rate at 512 px) applies where `benchmarks/results/gpu_memory.json`
 holds a GPU run; without one it is recorded as not measured.
 
-    python -m benchmarks.loader [--passes 3] [--trials 2]
+    python -m benchmarks.loader [--passes 2] [--trials 2]
 """
 from __future__ import annotations
 
@@ -273,7 +273,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400, help="photo set size (when the build is missing)")
     ap.add_argument("--per-shard", type=int, default=32)
-    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--batches", type=int, default=12, help="batches per pass after the first")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--trials", type=int, default=2)
