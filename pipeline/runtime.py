@@ -92,6 +92,9 @@ def ray_address(cfg: RuntimeConfig | None = None) -> str | None:
     return os.environ.get("RAY_ADDRESS") or (cfg.address if cfg else None)
 
 
+START_ATTEMPTS = 3  # local Ray starts tried when the raylet does not register in time
+
+
 def ensure_ray(cfg: RuntimeConfig | None = None) -> None:
     """Start Ray in-process (all cores) or attach to the configured cluster; idempotent (one
     session per process: `persona build` runs all its stages in it)."""
@@ -113,13 +116,17 @@ def ensure_ray(cfg: RuntimeConfig | None = None) -> None:
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
         num_gpus = cfg.num_gpus if cfg.num_gpus is not None else gpu_count()
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            object_store_memory=512 * 1024 * 1024,
-            **common,
-        )
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                         object_store_memory=512 * 1024 * 1024, **common)
+                return
+            except Exception as e:  # Ray waits a fixed 30 s for its raylet: an overloaded machine is not a verdict
+                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("Ray did not start in time (attempt %d of %d, machine overloaded?): retrying", attempt,
+                            START_ATTEMPTS)
+                ray.shutdown()
 
 
 # ============================================================================================

@@ -241,3 +241,33 @@ def test_a_dead_in_process_run_sends_the_next_run_to_actors(tmp_path):
     assert store.report()["executor"] == "ray" and stats.computed == 2
     assert not (tmp_path / "runs" / ".toy.inline").exists()
     assert list(table["key"]) == [f"k{i}" for i in range(5)]
+
+
+def test_a_ray_start_that_times_out_is_retried(monkeypatch):
+    """Ray waits a fixed 30 s for its raylet; on an overloaded machine that start is retried (the
+    timeout itself cannot be produced on demand, so ray.init is replaced for this check)."""
+    import ray
+
+    from pipeline import runtime
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    runtime.ensure_ray(RuntimeConfig(num_cpus=1))
+    assert len(calls) == 2 and calls[1]["num_cpus"] == 1
+
+    def broken(**kw):
+        calls.append(kw)
+        raise ValueError("bad argument")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError, match="bad argument"):
+        runtime.ensure_ray(RuntimeConfig(num_cpus=1))
+    assert len(calls) == 3  # another error is not retried
