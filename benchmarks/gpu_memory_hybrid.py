@@ -125,7 +125,7 @@ def main() -> None:
         reason = (f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build "
                   f"{torch.version.cuda or 'none'}): this machine has no usable GPU, and SD 1.5 training memory is "
                   "only meaningful on one")
-        path = write_result("gpu_memory_hybrid", {"skipped": True, "reason": reason})
+        path = write_result("gpu_memory_hybrid", {"skipped": True, "reason": reason, "targets": {}})
         print(f"gpu_memory_hybrid: skipped: {reason} -> {path}")
         return
 
@@ -153,6 +153,7 @@ def main() -> None:
                  "1792 + region attention, float32, trainable), UNet frozen (fp16) or trained (fp32); 512 px",
         "steps": args.steps, "warmup": args.warmup,
         "cells": cells,
+        "targets": {},
     }
     path = write_result("gpu_memory_hybrid", result)
     print(table(rows, ("train_unet", "checkpointing", "batch", "trained params", "peak alloc GiB", "peak reserved GiB",

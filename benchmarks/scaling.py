@@ -8,7 +8,7 @@ started once (its start-up is reported, not included). Target: 2 workers >= 1.7x
 Every run also records who used the cores (`workload.CpuMeter`): this driver, Ray's system
 processes, the actors, and other users of the machine, so a miss can be told apart from noise.
 
-    python -m benchmarks.scaling [--n 400] [--repeats 3]
+    python -m benchmarks.scaling [--n 400] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def analyse(run: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400, help="images in the photo set")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per worker count (fastest kept)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per worker count (fastest kept)")
     args = ap.parse_args()
     quiet()
     from stages import align, dedup, ingest

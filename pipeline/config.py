@@ -40,16 +40,27 @@ class RuntimeConfig:
     executor: Literal["ray", "local"] = "ray"  # local = in-process loop (debugging, tiny runs)
     num_cpus: Optional[int] = None  # default: every core of this machine
     num_gpus: Optional[int] = None  # default: what torch sees
-    workers: Optional[int] = None  # actor-pool size for CPU stages; default num_cpus
+    workers: Optional[int] = None  # fixed actor-pool size; default: grows with the work to what the cluster holds
     part_size: int = 256  # items per committed parquet part
     progress: bool = True
     # A failure of the run (an exception, a crashed worker) is retried on the next runs; after this
     # many attempts it is kept as the item's result (permanent, with the attempt count).
     max_attempts: int = 3
+    # Fewer items than this to compute: run them in this process (no Ray start, no actor start;
+    # the same worker code pinned to one thread, same bytes). 0: always on actors.
+    inline_below: int = 16
+    # Autoscaling clusters (KubeRay): the pool asks the autoscaler for up to max_workers actors'
+    # resources (GPU stages for GPUs) and waits for the nodes. auto: when an autoscaler runs.
+    autoscale: Union[bool, Literal["auto"]] = "auto"
+    min_workers: int = 1
+    max_workers: int = 64
+    keep_warm: bool = True  # keep the actors (processes, imports) for the next stages of this process
 
     def validate(self, path: str) -> None:
         if self.max_attempts < 1 or self.part_size < 1:
             raise ConfigError(f"{path}: max_attempts and part_size must be >= 1")
+        if self.inline_below < 0 or self.min_workers < 0 or self.max_workers < 1:
+            raise ConfigError(f"{path}: inline_below and min_workers must be >= 0, max_workers >= 1")
 
 
 @dataclass

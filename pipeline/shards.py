@@ -313,6 +313,29 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+def _npy_member(raw: bytes, m: Member) -> bytes:
+    """A .npy blob as its shard member: cast to the member's dtype, reshaped to its shape."""
+    a = np.load(io.BytesIO(raw), allow_pickle=False)
+    if m.dtype:
+        a = a.astype(m.dtype)
+    return _npy_bytes(a.reshape(m.shape) if m.shape else a)
+
+
+def _npy_as_is(raw: bytes, m: Member) -> bool:
+    """Whether a .npy blob already is its member's bytes (np.save format 1.0, C order, the member's
+    dtype and shape): then it is copied, not decoded and encoded again."""
+    try:
+        f = io.BytesIO(raw)
+        if np.lib.format.read_magic(f) != (1, 0):
+            return False
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    except Exception:
+        return False
+    return (not fortran and (m.shape is None or tuple(shape) == tuple(m.shape))
+            and (not m.dtype or dtype == np.dtype(m.dtype)) and dtype.isnative
+            and len(raw) == f.tell() + int(np.prod(shape)) * dtype.itemsize)
+
+
 def sample_members(row: dict, split: str, order: Sequence[str]) -> list[tuple[str, bytes]]:
     """(member name, bytes) of one face, in `order` (json last)."""
     data: dict[str, bytes] = {}
@@ -320,10 +343,8 @@ def sample_members(row: dict, split: str, order: Sequence[str]) -> list[tuple[st
         if m.kind == "text":
             data[name] = v.encode("utf-8")
         elif m.kind == "npy":
-            a = np.load(io.BytesIO(v.read_bytes()), allow_pickle=False)
-            if m.dtype:
-                a = a.astype(m.dtype)
-            data[name] = _npy_bytes(a.reshape(m.shape) if m.shape else a)
+            raw = v.read_bytes()
+            data[name] = raw if _npy_as_is(raw, m) else _npy_member(raw, m)
         else:
             data[name] = v.read_bytes()
     data["json"] = _json_bytes({**row["meta"], "split": split})
@@ -337,6 +358,24 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     ti.uname = ti.gname = ""
     ti.type = tarfile.REGTYPE
     return ti
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes what is written through it (sha256) and counts its bytes."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def write_tar(path: "str | os.PathLike | RemotePath", samples: Iterable[list[tuple[str, bytes]]]) -> tuple[int, str, int]:
@@ -354,18 +393,16 @@ def write_tar(path: "str | os.PathLike | RemotePath", samples: Iterable[list[tup
     n = 0
     try:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            hw = _HashingWriter(f)  # the sha256 is computed while writing (no second read of the tar)
+            with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for members in samples:
                     for name, data in members:
                         tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
                     n += 1
             f.flush()
             os.fsync(f.fileno())
-        h = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        size = tmp.stat().st_size
+        h = hw.sha256
+        size = hw.size
         if remote:
             dest.put_file(tmp)
             tmp.unlink()
@@ -494,8 +531,12 @@ def write_shards(joined: Joined, out: str | os.PathLike, cfg: ShardsConfig, forc
         "shards": shards,
         "identities": {k: identities[k] for k in sorted(identities)},
     }
+    grid_sig = grid_signature(joined.rows, split_of, cfg.grid_size, cfg.grid_tile)
+    index["grid_signature"] = grid_sig
     atomic_write_bytes(out / "samples.tsv", ("\n".join(tsv) + "\n").encode())
-    atomic_write_bytes(out / "grid.png", sample_grid(joined.rows, split_of, cfg.grid_size, cfg.grid_tile))
+    old = _read_index(out)
+    if not (old and old.get("grid_signature") == grid_sig and (out / "grid.png").exists()):  # else: same picture
+        atomic_write_bytes(out / "grid.png", sample_grid(joined.rows, split_of, cfg.grid_size, cfg.grid_tile))
     crash_point("index")
     atomic_write_json(out / "index.json", index)
     return index, True
@@ -556,17 +597,32 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
     return lines
 
 
+def _grid_rows(rows: Sequence[dict], n: int) -> list[dict]:
+    """The faces of the grid: up to n, evenly spaced by key."""
+    sel = list(rows)
+    if len(sel) > n > 0:
+        picks = sorted({round(i * (len(sel) - 1) / max(1, n - 1)) for i in range(n)})
+        sel = [sel[i] for i in picks]
+    return sel[:n] if n > 0 else []
+
+
+def grid_signature(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, tile: int = 128) -> str:
+    """Hash of everything `sample_grid` draws (the bytes of its faces and masks, its texts, identities,
+    splits, layout; reads only the up to n faces drawn): equal signatures give the same picture."""
+    h = hashlib.sha256(f"grid\x00{n}\x00{tile}".encode())
+    for r in _grid_rows(rows, n):
+        g = {k: v if isinstance(v, str) else hashlib.sha256(v.read_bytes()).hexdigest() for k, v in r["grid"].items()}
+        h.update(_json_bytes([r["key"], r["identity"], split_of[r["key"]], g]))
+    return h.hexdigest()[:32]
+
+
 def sample_grid(rows: Sequence[dict], split_of: dict[str, str], n: int = 16, tile: int = 128) -> bytes:
     """PNG bytes: up to n faces (evenly spaced by key: the `grid` member) with the `grid_mask` member
     tinted in the split colour (green train, orange val) and identity + the `grid_text` member below.
     Deterministic."""
     from PIL import Image, ImageDraw, ImageFont
 
-    sel = list(rows)
-    if len(sel) > n > 0:
-        picks = sorted({round(i * (len(sel) - 1) / max(1, n - 1)) for i in range(n)})
-        sel = [sel[i] for i in picks]
-    sel = sel[:n] if n > 0 else []
+    sel = _grid_rows(rows, n)
     cols = max(1, math.ceil(math.sqrt(len(sel)))) if sel else 1
     nrows = max(1, math.ceil(len(sel) / cols)) if sel else 1
     font = ImageFont.load_default()

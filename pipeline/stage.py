@@ -18,18 +18,21 @@ the attempt count. Verdicts (`decode_error`, `no_face`, ...) are final at once.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from .config import Params, RuntimeConfig
 from .faults import crash_point
-from .runtime import TRANSIENT, Factory, map_batches
+from .runtime import TRANSIENT, Factory, map_batches, runs_inline
 from .storage import RemotePath, spath
 from .store import ItemStore, atomic_write_json, hash_key, status_counts, table_schema
 
@@ -145,17 +148,28 @@ def run_item_stage(
     store.clean_temps()
     for it in inputs:
         it["cache_key"] = cache_key(spec, it["key"], it.get("sig", ""))
-    results = store.results(TRANSIENT)
+    index = store.index(TRANSIENT)  # vectorised over the journal: no Python object per committed input
+    pos = index.lookup([it["cache_key"] for it in inputs])
     max_attempts = runtime.max_attempts
-
-    def final(ck: str) -> bool:
-        bad, fails = results[ck]
-        return not bad or fails >= max_attempts
-
-    todo = [it for it in inputs if not (it["cache_key"] in results and final(it["cache_key"]))]
-    retried = sum(1 for it in todo if it["cache_key"] in results)
+    committed = pos >= 0
+    safe = np.where(committed, pos, 0)
+    final = committed & (~index.last_bad[safe] | (index.fails[safe] >= max_attempts)) if len(index) else committed
+    fails_of = {inputs[i]["cache_key"]: int(index.fails[pos[i]]) for i in np.flatnonzero(committed & ~final)}
+    todo = [it for it, f in zip(inputs, final) if not f]
+    retried = len(fails_of)
     log.info("%s: %d inputs, %d cached, %d to compute%s", spec.name, len(inputs), len(inputs) - len(todo),
              len(todo), f" ({retried} failed before: retried)" if retried else "")
+
+    # In-process below runtime.inline_below; a previous in-process run that died (a crash, a kill)
+    # leaves its marker: this run isolates the items on actors instead.
+    marker = _inline_marker(store)
+    inline = runs_inline(runtime, len(todo), spec.num_gpus)
+    if inline and runtime.executor != "local" and marker is not None and marker.exists():
+        log.warning("%s: the last in-process run did not finish: computing on Ray actors this time", spec.name)
+        inline = False
+    if inline and marker is not None and runtime.executor != "local":
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
 
     buffer: list[dict] = []
     pending_inputs = 0
@@ -163,14 +177,15 @@ def run_item_stage(
     run_info: dict = {}
     retrying = failed = 0
     for batch, outs in map_batches(
-        factory, todo, spec.batch_size, runtime, num_gpus=spec.num_gpus, desc=spec.name, stats=run_info
+        factory, todo, spec.batch_size, runtime, num_gpus=spec.num_gpus, desc=spec.name, stats=run_info,
+        inline=inline,
     ):
         crash_point("result")
         for item, rows in zip(batch, outs):
             if not rows:
                 rows = [{"key": item["key"], "status": "error", "error": "worker returned no row"}]
             if any(r.get("status") in TRANSIENT for r in rows):
-                attempt = results.get(item["cache_key"], (False, 0))[1] + 1
+                attempt = fails_of.get(item["cache_key"], 0) + 1
                 for r in rows:
                     if r.get("status") in TRANSIENT:
                         _attempt_note(r, attempt, max_attempts)
@@ -188,8 +203,17 @@ def run_item_stage(
             store.commit(buffer)
             buffer, pending_inputs, last_commit = [], 0, time.monotonic()
     store.commit(buffer)
+    if marker is not None and marker.exists():
+        marker.unlink()
 
-    table = store.consolidate(it["cache_key"] for it in inputs)
+    current = sorted(it["cache_key"] for it in inputs)
+    state = _table_state(store, current)
+    if todo or store.report().get("table_state") != state or not store.table_path.exists():
+        table = store.consolidate(current)
+    else:  # nothing committed since the table was written for exactly these inputs
+        log.info("%s: table.parquet is current", spec.name)
+        table = store.table()
+    store.compact_journal()  # the next run reads its journal from ~1/64 of the files
     if store.tmp_dir is not None and store.tmp_dir.exists():
         store.clean_temps()
     stats = RunStats(
@@ -202,12 +226,27 @@ def run_item_stage(
         retrying=retrying,
         failed=failed,
     )
-    store.write_report({**stats.as_dict(), "nodes": run_info.get("nodes", {})})
+    store.write_report({**stats.as_dict(), "nodes": run_info.get("nodes", {}),
+                        "executor": "in-process" if inline else "ray", "table_state": state})
     if retrying:
         log.warning("%s: %d item(s) failed for reasons of the run (not of the input); they are recorded "
                     "and will be computed again by the next run", spec.name, retrying)
     log.info("%s: done in %.1fs: %s", spec.name, stats.seconds, stats.counts)
     return table, stats
+
+
+def _inline_marker(store: ItemStore) -> "Path | None":
+    """`<root>/runs/.<stage>.inline`: present while an in-process run computes (local stores)."""
+    return None if isinstance(store.report_path, RemotePath) else store.report_path.parent / f".{store.stage}.inline"
+
+
+def _table_state(store: ItemStore, current: list[str]) -> dict:
+    """What table.parquet was consolidated from: the journal's length and the current cache keys."""
+    h = hashlib.sha256()
+    for ck in current:
+        h.update(ck.encode())
+        h.update(b"\x00")
+    return {"parts": store.part_count(), "inputs": h.hexdigest()[:32]}
 
 
 REPORTS = "reports"  # <metrics dir>/reports/<stage>.json: the whole metrics dict, names and lists included

@@ -118,14 +118,10 @@ class _AlignWorker:
 
 
 def detector_info(cfg: AlignConfig):
-    """The configured detector's ModelInfo (loading it is cheap: bundled MediaPipe/ONNX files)."""
+    """The configured detector's ModelInfo, from its weight files (the detector is not built here)."""
     from pipeline.models import faces
 
-    det = faces.load(cfg)
-    try:
-        return det.info
-    finally:
-        det.close()
+    return faces.model_info(cfg)
 
 
 def run(ctx: Context) -> dict:

@@ -30,8 +30,14 @@ class _CaptionWorker:
         self.backend = caption.resolve_backend(cfg)
         self.align = ItemStore(root, "align").blobs
 
+    def prepare(self, batch: list[dict]) -> list:
+        """CPU part (overlaps another batch's inference in a GPU actor): the decoded crops."""
+        return [decode_image(self.align.get(it["wild_blob"])) for it in batch]
+
     def __call__(self, batch: list[dict]) -> list[list[dict]]:
-        images = [decode_image(self.align.get(it["wild_blob"])) for it in batch]
+        return self.infer(batch, self.prepare(batch))
+
+    def infer(self, batch: list[dict], images: list) -> list[list[dict]]:
         texts = self.model.caption(images)
         info = self.model.info
         return [

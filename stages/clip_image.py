@@ -36,10 +36,16 @@ class _ClipWorker:
         self.masks = ItemStore(root, "masks").blobs
         self.blobs = BlobStore(stage_dir)
 
-    def __call__(self, batch: list[dict]) -> list[list[dict]]:
-        styles = [style_image(decode_image(self.align.get(it["wild_blob"])), decode_image(self.masks.get(it["masks.mask_blob"])),
-                              self.cfg.fill) for it in batch]
+    def prepare(self, batch: list[dict]) -> list:
+        """CPU part (overlaps another batch's inference in a GPU actor): the style images."""
+        return [style_image(decode_image(self.align.get(it["wild_blob"])), decode_image(self.masks.get(it["masks.mask_blob"])),
+                            self.cfg.fill) for it in batch]
+
+    def infer(self, batch: list[dict], styles: list) -> list[list[dict]]:
         return array_rows(batch, self.model.embed(styles), self.blobs, "clip", self.model.info)
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        return self.infer(batch, self.prepare(batch))
 
 
 def run(ctx: Context) -> dict:

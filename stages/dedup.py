@@ -9,6 +9,7 @@ Outputs: `table.parquet` (every ok ingest row, with status and cluster), `cluste
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -21,7 +22,8 @@ from pipeline.config import section_hash
 from pipeline.hashing import clusters_from_pairs, near_duplicate_pairs
 from pipeline.plugins import Stage
 from pipeline.stage import Context, prepare, write_metrics
-from pipeline.store import atomic_write_json, hash_key, read_table, status_counts, table_schema, write_table
+from pipeline.store import (atomic_write_bytes, hash_key, read_parquet, read_table, status_counts, table_schema,
+                            write_table)
 
 log = logging.getLogger("persona.dedup")
 
@@ -34,104 +36,135 @@ COLUMNS = {
 }
 
 
-def _best_first(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows ordered so that the best copy of each cluster comes first."""
-    return df.assign(_px=-(df["width"].astype(np.int64) * df["height"].astype(np.int64))).sort_values(
-        ["_px", "source", "relpath"], kind="mergesort"
-    )
+def _best_first(df: pd.DataFrame) -> np.ndarray:
+    """Row positions ordered so that the best copy of each cluster comes first: highest resolution,
+    then (source, relpath)."""
+    px = -(df["width"].to_numpy(dtype=np.int64) * df["height"].to_numpy(dtype=np.int64))
+    src = pd.factorize(df["source"], sort=True)[0]
+    rel = pd.factorize(df["relpath"], sort=True)[0]
+    return np.lexsort((rel, src, px))
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if not len(x):
+        return np.zeros(0, dtype=np.int64)
+    return np.unpackbits(np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8)).reshape(len(x), 64).sum(axis=1).astype(np.int64)
+
+
+def _hashes(phash: np.ndarray) -> np.ndarray:
+    """16-hex-digit perceptual hashes -> uint64."""
+    if not len(phash):
+        return np.zeros(0, dtype=np.uint64)
+    return np.frombuffer(bytes.fromhex("".join(phash)), dtype=">u8").astype(np.uint64)
 
 
 def deduplicate(df: pd.DataFrame, threshold: int, across_identities: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """Assign `status` (ok / duplicate_of:<key>), `dup_kind` and `cluster` to every row.
 
     `df` needs key, image_id, phash (16 hex chars), width, height, source, relpath, identity.
-    Returns (rows sorted by key, clusters as dicts for the report).
+    Returns (rows sorted by key, clusters as dicts for the report). Array operations throughout (one
+    Python step per cluster, none per row).
     """
-    df = df.reset_index(drop=True).copy()
-    df["status"] = "ok"
-    df["error"] = ""
-    df["dup_kind"] = ""
-    df["cluster"] = ""
-    df["distance"] = 0
-    if df.empty:
-        return df, []
+    df = df.reset_index(drop=True)
+    n = len(df)
+    status = np.full(n, "ok", dtype=object)
+    dup_kind = np.full(n, "", dtype=object)
+    cluster = np.full(n, "", dtype=object)
+    distance = np.zeros(n, dtype=np.int64)
+    keys = df["key"].to_numpy(dtype=object)
+    paths = df["path"].to_numpy(dtype=object)
+    clusters: list[dict] = []
+    if n:
+        order = _best_first(df)
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
 
-    # 1. exact duplicates: same sha256
-    ordered = _best_first(df)
-    first = ordered.drop_duplicates("image_id", keep="first")
-    keep_for_sha = dict(zip(first["image_id"], first["key"]))
-    exact = df["key"] != df["image_id"].map(keep_for_sha)
-    df.loc[exact, "status"] = "duplicate_of:" + df.loc[exact, "image_id"].map(keep_for_sha)
-    df.loc[exact, "dup_kind"] = "exact"
+        # 1. exact duplicates: same sha256; the best copy of each is kept
+        sha_code, shas = pd.factorize(df["image_id"])
+        kept_of_code = np.full(len(shas), -1, dtype=np.int64)
+        codes_best_first = sha_code[order]
+        _, first = np.unique(codes_best_first, return_index=True)
+        kept_of_code[codes_best_first[first]] = order[first]
+        kept = kept_of_code[sha_code]
+        exact = kept != np.arange(n)
+        status[exact] = "duplicate_of:" + keys[kept[exact]].astype(object)
+        dup_kind[exact] = "exact"
 
-    # 2. near duplicates among the unique images
-    uniq = df[~exact]
-    hashes = np.array([int(h, 16) for h in uniq["phash"]], dtype=np.uint64)
-    i, j, d = near_duplicate_pairs(hashes, threshold)
-    if not across_identities and len(i):
-        ident = uniq["identity"].fillna("\x00unlabeled").to_numpy()
-        same = ident[i] == ident[j]
-        i, j, d = i[same], j[same], d[same]
-    labels = clusters_from_pairs(len(uniq), i, j)
-    uniq = uniq.assign(_label=labels)
-    sizes = uniq["_label"].value_counts()
-    multi = uniq[uniq["_label"].map(sizes) > 1]
-    clusters = []
-    upd_status: dict[str, str] = {}
-    upd_dist: dict[str, int] = {}
-    upd_cluster: dict[str, str] = {}
-    for _, grp in _best_first(multi).groupby("_label", sort=False):
-        keys, paths, idents = grp["key"].tolist(), grp["path"].tolist(), grp["identity"].tolist()
-        hs = [int(h, 16) for h in grp["phash"]]
-        kept_key = keys[0]
-        cid = hash_key("cluster", *sorted(keys), length=12)
-        members = []
-        for k, p, ident, hk in zip(keys[1:], paths[1:], idents[1:], hs[1:]):
-            dist = bin(hk ^ hs[0]).count("1")  # to the kept copy (may exceed t via a chain)
-            upd_status[k] = f"duplicate_of:{kept_key}"
-            upd_dist[k] = dist
-            members.append({"key": k, "path": p, "identity": ident, "distance": dist})
-        for k in keys:
-            upd_cluster[k] = cid
-        clusters.append({"cluster": cid, "kind": "near", "kept": {"key": kept_key, "path": paths[0]}, "duplicates": members})
-    near = df["key"].isin(upd_status.keys())
-    df.loc[near, "status"] = df.loc[near, "key"].map(upd_status)
-    df.loc[near, "dup_kind"] = "near"
-    df.loc[near, "distance"] = df.loc[near, "key"].map(upd_dist)
-    in_cluster = df["key"].isin(upd_cluster.keys())
-    df.loc[in_cluster, "cluster"] = df.loc[in_cluster, "key"].map(upd_cluster)
-    # exact clusters in the report too
-    path_of = dict(zip(df["key"], df["path"]))
-    for sha, grp in df[exact].groupby("image_id"):
-        kept_key = keep_for_sha[sha]
-        kept_path = path_of[kept_key]
-        clusters.append(
-            {
-                "cluster": hash_key("exact", sha, length=12),
+        # 2. near duplicates among the unique images
+        uniq = np.flatnonzero(~exact)
+        hashes = _hashes(df["phash"].to_numpy(dtype=object)[uniq])
+        i, j, _ = near_duplicate_pairs(hashes, threshold)
+        if not across_identities and len(i):
+            ident = df["identity"].fillna("\x00unlabeled").to_numpy(dtype=object)[uniq]
+            same = ident[i] == ident[j]
+            i, j = i[same], j[same]
+        labels = clusters_from_pairs(len(uniq), i, j)
+        sizes = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+        multi = np.flatnonzero(sizes[labels] > 1) if len(labels) else np.zeros(0, dtype=np.int64)
+        # clusters as runs of one label, each in best-first order
+        multi = multi[np.lexsort((rank[uniq[multi]], labels[multi]))]
+        rows_m, labs, hs = uniq[multi], labels[multi], hashes[multi]
+        starts = np.flatnonzero(np.r_[True, labs[1:] != labs[:-1]]) if len(labs) else np.zeros(0, dtype=np.int64)
+        ends = np.r_[starts[1:], len(labs)].astype(np.int64)
+        kept_at = np.repeat(starts, ends - starts)
+        dists = _popcount(hs ^ hs[kept_at])  # to the kept copy (may exceed t via a chain)
+        idents = df["identity"].to_numpy(dtype=object)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            r = rows_m[a:b]
+            kept_key = keys[r[0]]
+            cid = hash_key("cluster", *sorted(keys[r]), length=12)
+            dup = r[1:]
+            status[dup] = f"duplicate_of:{kept_key}"
+            dup_kind[dup] = "near"
+            distance[dup] = dists[a + 1:b]
+            cluster[r] = cid
+            members = [{"key": k, "path": p, "identity": ident, "distance": d}
+                       for k, p, ident, d in zip(keys[dup], paths[dup], idents[dup], dists[a + 1:b].tolist())]
+            clusters.append({"cluster": cid, "kind": "near", "kept": {"key": kept_key, "path": paths[r[0]]},
+                             "duplicates": members})
+
+        # exact clusters in the report too: by sha, each cluster's copies in table order
+        ex = np.flatnonzero(exact)
+        ex = ex[np.argsort(sha_code[ex], kind="stable")]
+        c = sha_code[ex]
+        cuts = np.flatnonzero(c[1:] != c[:-1]) + 1 if len(c) else np.zeros(0, dtype=np.int64)
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(c)].tolist()):
+            if a == b:
+                continue
+            r = ex[a:b]
+            k0 = kept[r[0]]
+            clusters.append({
+                "cluster": hash_key("exact", shas[c[a]], length=12),
                 "kind": "exact",
-                "kept": {"key": kept_key, "path": kept_path},
-                "duplicates": [{"key": k, "path": p, "distance": 0} for k, p in zip(grp["key"], grp["path"])],
-            }
-        )
+                "kept": {"key": keys[k0], "path": paths[k0]},
+                "duplicates": [{"key": k, "path": p, "distance": 0} for k, p in zip(keys[r], paths[r])],
+            })
     clusters.sort(key=lambda c: (c["kind"], c["kept"]["key"]))
-    df = df.sort_values("key", kind="mergesort").reset_index(drop=True)
-    return df, clusters
+    out = df.assign(status=status, error="", dup_kind=dup_kind, cluster=cluster, distance=distance)
+    if not out["key"].is_monotonic_increasing:
+        out = out.sort_values("key", kind="mergesort").reset_index(drop=True)
+    return out, clusters
 
 
 def run(ctx: Context) -> dict:
     t0 = time.perf_counter()
     cfg = ctx.params.dedup
     store = prepare(ctx, "dedup")
-    src = read_table(ctx.root, "ingest", ok_only=True)
+    src = read_table(ctx.root, "ingest", ok_only=True, columns=["key", "sig"] + CARRY)
     previous = set()
     if store.table_path.exists():
-        previous = set(store.table()["key"])
-    rows, clusters = deduplicate(src[["key", "sig"] + CARRY], cfg.hamming_threshold, cfg.across_identities)
+        previous = set(read_parquet(store.table_path, columns=["key"]).column("key").to_pylist())
+    rows, clusters = deduplicate(src, cfg.hamming_threshold, cfg.across_identities)
     phash = section_hash(cfg)
     code = code_fingerprint(__name__)
-    rows["sig"] = [hash_key("dedup", s, st, code, phash) for s, st in zip(rows["sig"], rows["status"])]
+    # a row's signature: its upstream signature + a short hash of (status, code, params), one hash per
+    # distinct status (not one per row): it changes exactly when the row's input or verdict does
+    status_sig = {st: hash_key("dedup", st, code, phash, length=12) for st in rows["status"].unique()}
+    rows["sig"] = rows["sig"] + "." + rows["status"].map(status_sig)
     write_table(rows, store.table_path, table_schema(COLUMNS), store.tmp_dir)
-    atomic_write_json(store.dir / "clusters.json", clusters)
+    atomic_write_bytes(store.dir / "clusters.json",  # compact: a big file read by programs
+                       (json.dumps(clusters, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode())
     counts = status_counts(rows)
     stats = {
         "stage": "dedup",

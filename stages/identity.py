@@ -31,13 +31,19 @@ class _IdentityWorker:
         self.align_blobs = ItemStore(root, "align").blobs
         self.blobs = BlobStore(stage_dir)
 
-    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+    def prepare(self, batch: list[dict]) -> np.ndarray:
+        """CPU part (overlaps another batch's inference in a GPU actor): (N, 112, 112, 3) crops."""
         crops = []
         for it in batch:
             face = decode_image(self.align_blobs.get(it["face_blob"]))
             crops.append(geom.arcface_align(face, np.asarray(json.loads(it["lm5_aligned"]))))
-        emb = self.model.embed(np.stack(crops))
-        return array_rows(batch, emb, self.blobs, "id", self.model.info)
+        return np.stack(crops)
+
+    def infer(self, batch: list[dict], crops: np.ndarray) -> list[list[dict]]:
+        return array_rows(batch, self.model.embed(crops), self.blobs, "id", self.model.info)
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        return self.infer(batch, self.prepare(batch))
 
 
 def run(ctx: Context) -> dict:

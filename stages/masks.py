@@ -81,8 +81,7 @@ def run(ctx: Context) -> dict:
     if cfg.person_mask:
         from pipeline.models import faces
 
-        with faces.SelfieSegmenter() as seg:
-            info = seg.info
+        info = faces.selfie_info()  # from the model files: nothing is loaded when nothing is computed
         fp = info.fingerprint
     else:
         info = ModelInfo("none", text_fingerprint("no-person-mask"), False, "-")

@@ -30,13 +30,21 @@ class _WPlusWorker:
         self.masks = ItemStore(root, "masks").blobs
         self.blobs = BlobStore(stage_dir)
 
-    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+    def prepare(self, batch: list[dict]) -> tuple[list, list | None]:
+        """CPU part (overlaps another batch's inference in a GPU actor): decoded faces and masks."""
         faces = [decode_image(self.align.get(it["face_blob"])) for it in batch]
         keep = None
         if self.cfg.whiten_background:
             keep = [decode_image(self.masks.get(it["masks.face_mask_blob"])) for it in batch]
+        return faces, keep
+
+    def infer(self, batch: list[dict], prepared: tuple[list, list | None]) -> list[list[dict]]:
+        faces, keep = prepared
         codes = self.model.encode(faces, keep_masks=keep)
         return array_rows(batch, codes, self.blobs, "wplus", self.model.info)
+
+    def __call__(self, batch: list[dict]) -> list[list[dict]]:
+        return self.infer(batch, self.prepare(batch))
 
 
 def run(ctx: Context) -> dict:

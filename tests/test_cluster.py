@@ -198,7 +198,7 @@ def _local_env() -> dict:
 def _params(tmp: Path, raw: Path, batch_size: int, part_size: int) -> Path:
     p = tmp / "params.yaml"
     p.write_text(yaml.safe_dump({
-        "runtime": {"executor": "ray", "workers": 2, "part_size": part_size, "progress": False, "address": None},
+        "runtime": {"executor": "ray", "workers": 2, "inline_below": 0, "part_size": part_size, "progress": False, "address": None},
         "ingest": {
             "batch_size": batch_size,
             "sources": [
@@ -287,7 +287,7 @@ def test_data_stages_on_cluster_with_s3_root_match_in_process(cluster, s3, s3_se
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "runtime": {"executor": "ray", "workers": 2, "part_size": 2, "progress": False, "address": None},
+        "runtime": {"executor": "ray", "workers": 2, "inline_below": 0, "part_size": 2, "progress": False, "address": None},
         "ingest": {"batch_size": 1, "sources": [{"name": "sample", "path": str(sample_raw / "sample")}]},
         "align": {"batch_size": 1}, "masks": {"batch_size": 2}, "caption": {"batch_size": 2},
         "wplus": {"batch_size": 1, "input_size": 128}, "identity": {"batch_size": 2}, "expression": {"batch_size": 1},

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.images import load_rgb
 from pipeline.stage import Context
-from stages import align, caption, dedup, identity, ingest, masks
+from stages import align, caption, clip_image, dedup, expression, identity, ingest, instances, masks
 from tests.conftest import make_params
 
 
@@ -103,3 +103,43 @@ def test_rerun_computes_nothing(built):
     for mod, name in ((align, "align"), (masks, "masks"), (identity, "identity")):
         stats = mod.run(built)
         assert stats["computed"] == 0 and stats["cached"] == stats["inputs"] > 0, name
+
+
+def _outputs(root, stage) -> dict:
+    """A stage's table and blobs by relative path (not the journal: its split into parts may differ)."""
+    d = root / stage
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and (p.name == "table.parquet" or "blobs" in p.relative_to(d).parts)}
+
+
+STAGES = ("masks", "identity", "clip_image", "instances", "expression")
+
+
+def test_in_process_runs_write_the_bytes_of_actor_runs(built, tmp_path):
+    """Few items run in the stage's process (no Ray), pinned like a 1-CPU actor: ArcFace (onnxruntime),
+    the masks, CLIP (torch), instances and expression give the bytes an actor run gives."""
+    import copy
+    import dataclasses
+    import shutil
+
+    runs = {}
+    for name, runtime in (("inline", {"executor": "ray", "inline_below": 1000}),
+                          ("actors", {"executor": "ray", "inline_below": 0, "workers": 2})):
+        root = tmp_path / name
+        for stage in ("ingest", "dedup", "align"):
+            shutil.copytree(built.root / stage, root / stage)
+        params = copy.deepcopy(built.params)
+        params.runtime = dataclasses.replace(params.runtime, **runtime)
+        ctx = Context.make(params, root, tmp_path / f"{name}-metrics")
+        for mod in (masks, identity, clip_image, instances, expression):
+            mod.run(ctx)
+        runs[name] = {s: _outputs(root, s) for s in STAGES}
+        reports = {s: json.loads((root / "runs" / f"{s}.json").read_text()) for s in STAGES}
+        want = "in-process" if name == "inline" else "ray"
+        assert all(r["executor"] == want and r["computed"] == r["inputs"] > 16 for r in reports.values()), reports
+    for stage in STAGES:
+        a, b = runs["inline"][stage], runs["actors"][stage]
+        assert sorted(a) == sorted(b) and len(a) > 25, stage
+        assert [k for k in a if a[k] != b[k]] == [], f"{stage}: in-process bytes differ from the actor run's"
+        if stage in ("masks", "identity"):
+            assert _outputs(built.root, stage) == a  # the local executor: the same pinned in-process path

@@ -101,7 +101,7 @@ def test_dedup_within_identity_only(tmp_path, raw_copy):
 
 
 def test_ingest_incremental_and_ray_executor(tmp_path, raw_copy):
-    ctx = _ctx(tmp_path, make_params(raw_copy, executor="ray"))
+    ctx = _ctx(tmp_path, make_params(raw_copy, executor="ray", runtime={"inline_below": 0}))  # 9 photos: on actors
     first = ingest.run(ctx)
     assert first["computed"] == first["inputs"] == 9
     again = ingest.run(ctx)

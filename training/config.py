@@ -106,7 +106,7 @@ class TrainConfig:
     shards: str = "data/shards"  # shards folder (index.json, train/, val/)
     synthetic: int = 0  # > 0: train on this many in-memory synthetic samples instead of the shards
     num_workers: int = 2  # DataLoader workers (0 = in the main process)
-    jpeg_draft: bool = False  # decode JPEG members at about the training resolution (Phase.decode_sizes; faster, other pixels)
+    jpeg_draft: bool = True  # decode JPEG members at about the training resolution (Phase.decode_sizes: libjpeg DCT scaling, several times cheaper; false: full-size decodes, other pixels)
     threads: int = 0  # torch CPU threads; 0 = auto: 1 for the tiny preset on CPU (its ops are too small to split)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dvc_lock: str = "dvc.lock"  # where the shards' hash is looked up (lineage)

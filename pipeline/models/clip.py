@@ -21,6 +21,7 @@ the random model.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,18 +106,6 @@ def photo_style(rgb: np.ndarray, faces: Sequence[Any], scale: float, size: int, 
     return style_image(rgb, mask, fill)
 
 
-def tensors_fingerprint(module: Any, length: int = 16) -> str:
-    """sha256 over a module's state dict (names, shapes, dtypes and bytes of every tensor)."""
-    import torch
-
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:length]
-
-
 def folder_fingerprint(folder: str | Path) -> str:
     """Fingerprint of a CLIP folder: its config and weight files (by content)."""
     p = Path(folder)
@@ -171,9 +160,17 @@ def _folder(folder: str) -> Path:
     return p
 
 
-def _random_info(model: Any, seed: int) -> ModelInfo:
-    return ModelInfo(f"clip-vision-tiny-random-seed{seed}", tensors_fingerprint(model), False, "none (random)",
-                     "transformers CLIPVisionConfig (TINY_CONFIG)")
+def _random_info(seed: int) -> ModelInfo:
+    """The tiny random model's ModelInfo without building it: its weights are a function of
+    TINY_CONFIG, the seed and the versions of torch (RNG) and transformers (init code), so those are
+    hashed (the driver of a stage with nothing to compute imports neither)."""
+    from importlib import metadata
+
+    spec = json.dumps(TINY_CONFIG, sort_keys=True)
+    return ModelInfo(f"clip-vision-tiny-random-seed{seed}",
+                     text_fingerprint("clip-tiny-random", spec, seed, metadata.version("torch"),
+                                      metadata.version("transformers")),
+                     False, "none (random)", "transformers CLIPVisionConfig (TINY_CONFIG)")
 
 
 def _folder_info(p: Path) -> ModelInfo:
@@ -185,7 +182,7 @@ def _load_one(folder: Optional[str], seed: int, device) -> _Loaded:
 
     if folder is None:
         model = tiny_model(seed)
-        info = _random_info(model, seed)
+        info = _random_info(seed)
         proc = _processor(None, model.config.image_size)
     else:
         p = _folder(folder)
@@ -248,9 +245,9 @@ class ClipStyleEncoder:
 
 
 def model_info(cfg: ClipImageConfig) -> ModelInfo:
-    """The encoder's ModelInfo without loading real weights (a folder's fingerprint hashes its
-    files; the tiny random model is built, it is cheap)."""
-    infos = [_folder_info(_folder(f)) for f in cfg.models] or [_random_info(tiny_model(cfg.random_seed), cfg.random_seed)]
+    """The encoder's ModelInfo without loading any model (a folder's fingerprint hashes its
+    files; the tiny random model's, its config, seed and library versions)."""
+    infos = [_folder_info(_folder(f)) for f in cfg.models] or [_random_info(cfg.random_seed)]
     return combined_info(infos, cfg.normalize)
 
 

@@ -160,16 +160,17 @@ SELFIE_MODEL_FILES = (
 
 
 def _bundle_info(name: str, files: tuple[str, ...], license: str) -> ModelInfo:
+    """The ModelInfo of bundled MediaPipe model files (hashed; mediapipe itself is not imported)."""
+    from importlib.metadata import version
+
     root = _mediapipe_dir()
     fps = [file_fingerprint(root / f) for f in files]
-    import mediapipe as mp
-
     return ModelInfo(
         name=name,
         fingerprint=text_fingerprint(*fps),
         weights_real=True,
         license=license,
-        source=f"mediapipe=={mp.__version__}: " + ", ".join(Path(f).name for f in files),
+        source=f"mediapipe=={version('mediapipe')}: " + ", ".join(Path(f).name for f in files),
     )
 
 
@@ -562,6 +563,26 @@ class ScrfdFaces:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def model_info(cfg: AlignConfig) -> ModelInfo:
+    """What `load(cfg).info` reports, without building the detector (for cache keys in the driver:
+    a stage with nothing to compute loads no model)."""
+    if cfg.detector == "mediapipe":
+        return _bundle_info(MediaPipeFaces.name, MEDIAPIPE_MODEL_FILES, MEDIAPIPE_LICENSE)
+    if cfg.detector == "scrfd":
+        path = Path(cfg.scrfd_model_path) if cfg.scrfd_model_path else insightface_model_dir() / "scrfd_500m_bnkps.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"SCRFD model not found: {path}")
+        return ModelInfo(name=ScrfdFaces.name if cfg.scrfd_model_path is None else f"scrfd:{path.name}",
+                         fingerprint=file_fingerprint(path), weights_real=True, license=INSIGHTFACE_LICENSE,
+                         source=str(path))
+    raise ValueError(f"unknown detector {cfg.detector!r}")
+
+
+def selfie_info(model_selection: int = 0) -> ModelInfo:
+    """What `SelfieSegmenter(model_selection).info` reports, without building the graph."""
+    return _bundle_info(SelfieSegmenter.name, SELFIE_MODEL_FILES, MEDIAPIPE_LICENSE)
 
 
 def load(cfg: AlignConfig):

@@ -23,9 +23,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-
 from pipeline.config import IdentityConfig
 from pipeline.models.base import ModelInfo, announce, file_fingerprint
 from pipeline.models.faces import insightface_model_dir, ort_providers
@@ -129,57 +126,76 @@ def insightface_input_norm(path: str | Path) -> tuple[float, float]:
 # IResNet (arcface_torch layout)
 
 
-class IBasicBlock(nn.Module):
-    """Pre-activation residual unit: BN-conv3x3-BN-PReLU-conv3x3(stride)-BN + shortcut."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
-        self.prelu = nn.PReLU(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
-        self.downsample: Optional[nn.Module] = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, eps=1e-5)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-
 IRESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
 
 
-class IResNet(nn.Module):
-    """arcface_torch IResNet for 112x112 inputs -> `num_features`-d embedding (not normalised)."""
+_TORCH_CLASSES: dict = {}
 
-    def __init__(self, layers: Sequence[int] = IRESNET_LAYERS[50], num_features: int = 512):
-        super().__init__()
-        self.layers_cfg = tuple(int(n) for n in layers)
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = nn.PReLU(64)
-        inplanes = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), self.layers_cfg), start=1):
-            blocks = [IBasicBlock(inplanes, planes, stride=2)] + [IBasicBlock(planes, planes) for _ in range(n - 1)]
-            setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            inplanes = planes
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-        self.dropout = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(512 * 7 * 7, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x))
+def _torch_classes() -> dict:
+    """IBasicBlock and IResNet, defined on first use: torch is imported only by the .pth backend, so
+    the ONNX default (and every process that only reads `model_info`) starts without it."""
+    if _TORCH_CLASSES:
+        return _TORCH_CLASSES
+    import torch
+    from torch import nn
+
+    class IBasicBlock(nn.Module):
+        """Pre-activation residual unit: BN-conv3x3-BN-PReLU-conv3x3(stride)-BN + shortcut."""
+
+        def __init__(self, inplanes: int, planes: int, stride: int = 1):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
+            self.prelu = nn.PReLU(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
+            self.downsample: Optional[nn.Module] = None
+            if stride != 1 or inplanes != planes:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, eps=1e-5)
+                )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+            return out + (x if self.downsample is None else self.downsample(x))
+
+    class IResNet(nn.Module):
+        """arcface_torch IResNet for 112x112 inputs -> `num_features`-d embedding (not normalised)."""
+
+        def __init__(self, layers: Sequence[int] = IRESNET_LAYERS[50], num_features: int = 512):
+            super().__init__()
+            self.layers_cfg = tuple(int(n) for n in layers)
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+            self.prelu = nn.PReLU(64)
+            inplanes = 64
+            for i, (planes, n) in enumerate(zip((64, 128, 256, 512), self.layers_cfg), start=1):
+                blocks = [IBasicBlock(inplanes, planes, stride=2)] + [IBasicBlock(planes, planes) for _ in range(n - 1)]
+                setattr(self, f"layer{i}", nn.Sequential(*blocks))
+                inplanes = planes
+            self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+            self.dropout = nn.Dropout(p=0.0)
+            self.fc = nn.Linear(512 * 7 * 7, num_features)
+            self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+            nn.init.constant_(self.features.weight, 1.0)
+            self.features.weight.requires_grad = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.prelu(self.bn1(self.conv1(x)))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            x = self.dropout(torch.flatten(self.bn2(x), 1))
+            return self.features(self.fc(x))
+
+    _TORCH_CLASSES.update(IBasicBlock=IBasicBlock, IResNet=IResNet)
+    return _TORCH_CLASSES
+
+
+def __getattr__(name: str):
+    if name in ("IBasicBlock", "IResNet"):
+        return _torch_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def iresnet_config_from_state_dict(sd: dict) -> tuple[tuple[int, ...], int]:
@@ -268,6 +284,9 @@ class ArcFace:
         self.embedding_dim = None
 
     def _init_torch(self, path: Path, mean: Optional[float], std: Optional[float]) -> None:
+        import torch
+
+        IResNet = _torch_classes()["IResNet"]
         sd = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         layers, dim = iresnet_config_from_state_dict(sd)
         net = IResNet(layers, dim)
@@ -296,6 +315,8 @@ class ArcFace:
                     raise IdentityModelError(f"{self.path.name}: fixed batch size {self.fixed_batch}")
                 return np.concatenate([self._run(x[i : i + 1]) for i in range(len(x))])
             return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+        import torch
+
         with torch.inference_mode():
             return self.net(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
