@@ -10,10 +10,11 @@ benchmark, on the tiny preset (64 px):
    saves it as a diffusers folder that `train.base_model.path` loads;
 2. trains every registered method (or `--methods`) for a fixed budget with the generic APIs
    (`training.train.train` per phase in order; a per-identity phase (`Phase.per_identity`) once per
-   labelled identity, split of the budget, identities the phase refuses (`DataVerdict`) recorded):
-   each phase's step count is its share of the budget divided by its seconds per step, measured on a
-   short calibration run first (so schedules over `max_steps` behave), every phase at one learning
-   rate (`--lr`: the papers' rates are for SD-scale models and 1e5+ steps);
+   identity its `Phase.bind` accepts, the refusals (`DataVerdict`) recorded): `--method-steps`
+   optimizer steps in all, split evenly over the phases (and identities), each run capped at its
+   share of `--method-seconds` of wall time (a shared machine; the steps reached are recorded),
+   every phase at one learning rate (`--lr`: the papers' rates are for SD-scale models and 1e5+
+   steps) and the params.yaml batch sizes;
 3. generates, per method, for every labelled identity A (its first face's conditioner inputs,
    `Method.inputs`; a per-identity method with A's own adapter) and `--seeds` seeds, at the method's
    inference lambda and at lambda 0 (the unconditioned baseline), 64 px;
@@ -27,7 +28,7 @@ A method is "above baseline" only when the lower end of its interval is above th
 otherwise it is reported as not above baseline. The budget is small (minutes on 2 CPU cores): a
 negative result says the signal is not visible at this budget, not that the method cannot learn.
 
-    python -m benchmarks.learning_signal --shards data/shards [--method-seconds 150] [--pretrain-seconds 210]
+    python -m benchmarks.learning_signal --shards data/shards [--method-steps 60] [--unet-seconds 150]
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def pretrain(faces: Sequence[np.ndarray], out: Path, vae_seconds: float, unet_se
     vae = comps.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     t0, step, losses = time.perf_counter(), 0, []
-    for b in _batches(x, batch, gen):
+    for b in _batches(x, min(8, batch), gen):  # full-resolution convolutions: the VAE step is the costly one
         post = vae.encode(b).latent_dist
         recon = vae.decode(post.sample(gen)).sample
         loss = F.mse_loss(recon, b) + 1e-6 * post.kl().mean()
@@ -138,7 +139,7 @@ def pretrain(faces: Sequence[np.ndarray], out: Path, vae_seconds: float, unet_se
         mse = float(F.mse_loss(vae.decode(z).sample, x))
     vae.register_to_config(scaling_factor=scaling)
     rec["vae"] = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "loss_last50": float(np.mean(losses[-50:])),
-                  "reconstruction_mse": mse, "scaling_factor": scaling, "lr": 2e-3}
+                  "reconstruction_mse": mse, "scaling_factor": scaling, "lr": 2e-3, "batch": min(8, batch)}
 
     unet = comps.unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -186,104 +187,98 @@ def pretrain(faces: Sequence[np.ndarray], out: Path, vae_seconds: float, unet_se
 # 2. training every method for a fixed budget
 
 
-def _timer():
+def _time_cap(seconds: float):
+    """Lightning callback: stop training once `seconds` of wall time have passed since the first step
+    (a safety cap on a shared machine; the steps reached are recorded)."""
     from lightning.pytorch.callbacks import Callback
 
-    class StepTimer(Callback):
-        """Wall time of each optimizer step after the first (the first holds the start-up)."""
-
+    class TimeCap(Callback):
         def __init__(self):
-            self.stamps: list[float] = []
+            self.t0: Optional[float] = None
+            self.capped = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.t0 is None:
+                self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.stamps.append(time.perf_counter())
+            if self.t0 is not None and time.perf_counter() - self.t0 > seconds:
+                trainer.should_stop = True
+                self.capped = True
 
-        @property
-        def seconds_per_step(self) -> Optional[float]:
-            d = np.diff(self.stamps)
-            return float(np.median(d)) if len(d) else None
-
-    return StepTimer()
+    return TimeCap()
 
 
 def train_params(base: dict, work: Path, model: Path, shards: str, method: str, lr: float) -> dict:
     """The project's params with the pretrained base, the shards, outputs under `work`, no MLflow,
-    every phase of `method` at `lr`, no intermediate checkpoints or sample grids."""
+    one CPU thread, every phase of `method` at `lr`, no intermediate checkpoints or sample grids."""
+    from training import methods
+
     p = copy.deepcopy(base)
     t = p["train"]
     t["base_model"] = {"path": str(model), "preset": None}
     t.update({"shards": str(shards), "synthetic": 0, "out_dir": str(work / "models"), "checkpoints_dir": str(work / "checkpoints"),
-              "metrics_dir": str(work / "metrics"), "plots_dir": str(work / "plots"), "num_workers": 0})
+              "metrics_dir": str(work / "metrics"), "plots_dir": str(work / "plots"), "num_workers": 0, "threads": 1})
     t["mlflow"] = {**t.get("mlflow", {}), "enabled": False}
     mcfg = t["methods"].setdefault(method, {})
-    from training import methods
-
     for ph in methods.get(method).phases:
         c = mcfg.setdefault(ph, {})
         c.update({"lr": lr, "warmup_steps": 0, "sample_every": 0, "checkpoint_every": 100000, "log_every": 10})
-    p["personalize"] = {**p.get("personalize", {}), "report": str(work / "reports" / "{method}_{identity}.json"),
-                        "work_dir": str(work / "personalize")}
     return p
 
 
-def calibrate(name: str, ph: Any, base: dict, work: Path, model: Path, shards: str, lr: float,
-              overrides: dict) -> Optional[float]:
-    """Seconds per optimizer step of phase `ph` (median over a 6-step run in a scratch folder, the
-    start-up excluded); raises DataVerdict when the phase refuses the data."""
-    from training.train import train
-
-    cal = work / "calibration"
-    shutil.rmtree(cal, ignore_errors=True)
-    if ph.init is not None and (work / "models" / name / ph.init).exists():  # the phase it starts from
-        shutil.copytree(work / "models" / name / ph.init, cal / "models" / name / ph.init)
-    timer = _timer()
-    try:
-        train(train_params(base, cal, model, shards, name, lr), name, ph.name, max_steps=6, overrides=overrides,
-              callbacks=[timer], resume="never")
-    finally:
-        shutil.rmtree(cal, ignore_errors=True)
-    return timer.seconds_per_step
-
-
-def train_method(name: str, base: dict, work: Path, model: Path, shards: str, budget: float, lr: float,
-                 idents: Sequence[str]) -> dict:
-    """Train every phase of `name` within `budget` seconds of optimizer steps (split evenly over its
-    phases, and over the identities of a per-identity phase). Returns {"phases": [...], "adapters":
-    {identity or "*": adapter folder}}."""
+def accepted(name: str, ph: Any, params: dict, idents: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """The identities a per-identity phase accepts (`Phase.bind`; a `DataVerdict` refuses one), and the refusals."""
     from training import methods
+    from training.config import train_params as tparams
+    from training.data import PersonaDataModule
     from training.methods.base import DataVerdict
+    from training.personalize import identity_key
+
+    m = methods.get(name)
+    tp = tparams(params)
+    dm = PersonaDataModule(m, ph, tp.train, tp.phase(name, ph.name))
+    dm.load_sources()
+    ok, refused = [], []
+    for ident in idents:
+        pcfg = tparams(params, {identity_key(m, ph): ident}).phase(name, ph.name)
+        try:
+            ph.bind(pcfg, dm.train_source)
+            ok.append(ident)
+        except DataVerdict as e:
+            refused.append({"identity": ident, "refused": e.reason, "error": str(e)})
+    return ok, refused
+
+
+def train_method(name: str, base: dict, work: Path, model: Path, shards: str, steps: int, cap: float, lr: float,
+                 idents: Sequence[str]) -> dict:
+    """Train every phase of `name` for `steps` optimizer steps in all (split evenly over its phases,
+    and over the accepted identities of a per-identity phase), each run capped at its share of `cap`
+    seconds. Returns {"phases": [...], "adapters": {identity or "*": adapter folder}}."""
+    from training import methods
     from training.personalize import identity_key
     from training.train import train
 
     m = methods.get(name)
     phases = list(m.phases.values())
-    share = budget / len(phases)
     rec: dict[str, Any] = {"phases": [], "adapters": {}}
     params = train_params(base, work, model, shards, name, lr)
     for ph in phases:
-        who: list[Optional[str]] = list(idents) if ph.per_identity else [None]
-        rows, spp, usable = [], None, []
-        for ident in who:  # calibrate on the first identity the phase accepts
+        who, rows = (accepted(name, ph, params, idents) if ph.per_identity else ([None], []))
+        n = max(1, len(who))
+        per_run = max(1, steps // len(phases) // n)
+        for ident in who:
             ov = {identity_key(m, ph): ident} if ident is not None else {}
-            try:
-                if spp is None:
-                    spp = calibrate(name, ph, base, work, model, shards, lr, ov)
-                usable.append(ident)
-            except DataVerdict as e:
-                rows.append({"identity": ident, "refused": e.reason, "error": str(e)})
-                print(f"[train {name}.{ph.name}] {ident}: refused ({e.reason})", flush=True)
-        for ident in usable:
-            ov = {identity_key(m, ph): ident} if ident is not None else {}
-            steps = max(1, int(share / len(usable) / max(spp or 1.0, 1e-3)))
             t0 = time.perf_counter()
-            res = train(params, name, ph.name, max_steps=steps, overrides=ov, resume="never")
-            row = {"identity": ident, "steps": res["global_step"], "seconds": round(time.perf_counter() - t0, 1),
-                   "seconds_per_step": spp, "loss": (res.get("metrics") or {}).get("loss")}
+            timecap = _time_cap(cap / len(phases) / n)
+            res = train(params, name, ph.name, max_steps=per_run, overrides=ov, resume="never", callbacks=[timecap])
+            row = {"identity": ident, "steps": res["global_step"], "planned_steps": per_run, "capped": timecap.capped,
+                   "seconds": round(time.perf_counter() - t0, 1),
+                   "losses": {k: v for k, v in (res.get("metrics") or {}).items() if k.startswith("loss")}}
             rec["adapters"][ident or "*"] = str(Path(res["adapter"]).parent)
             rows.append(row)
             print(f"[train {name}.{ph.name}] {row}", flush=True)
-        rec["phases"].append({"phase": ph.name, "per_identity": ph.per_identity, "budget_seconds": round(share, 1),
-                              "lr": lr, "runs": rows})
+        rec["phases"].append({"phase": ph.name, "per_identity": ph.per_identity, "lr": lr, "runs": rows})
     return rec
 
 
@@ -325,12 +320,12 @@ def score_method(name: str, adapters: dict[str, str], faces: dict[str, list], re
     m = methods.get(name)
     per: dict[str, dict[str, np.ndarray]] = {"method": {}, "baseline": {}}
     scale = None
-    samples_dir = None
+    loaded: dict[str, Any] = {}
     for ident in sorted(refs):
         folder = adapters.get(ident) or adapters.get("*")
         if folder is None or ident not in faces:
             continue
-        gen = Generator.load(folder, device="cpu")
+        gen = loaded.get(folder) or loaded.setdefault(folder, Generator.load(folder, device="cpu"))
         scale = gen.default_scale
         inputs = m.inputs([faces[ident][0].sample])
         prompt = m.prompt(PROMPT, gen.adapter)
@@ -338,8 +333,6 @@ def score_method(name: str, adapters: dict[str, str], faces: dict[str, list], re
             imgs = gen.sample([[inputs]] * seeds, [prompt] * seeds, list(range(seeds)), scheduler="ddim", steps=steps,
                               guidance=guidance, scale=lam)
             per[key][ident] = embed64(arcface, list(imgs))
-            if key == "method" and samples_dir is None:
-                samples_dir = imgs
     out: dict[str, Any] = {"lambda": scale, "identities": sorted(per["method"])}
     for key in ("method", "baseline"):
         ms = margins(per[key], refs) if len(refs) >= 2 else []
@@ -364,12 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--vae-seconds", type=float, default=70.0)
     ap.add_argument("--unet-seconds", type=float, default=150.0)
-    ap.add_argument("--method-seconds", type=float, default=150.0, help="optimizer-step budget per method")
+    ap.add_argument("--method-steps", type=int, default=60, help="optimizer steps per method (all phases)")
+    ap.add_argument("--method-seconds", type=float, default=180.0, help="wall-time cap per method's training")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no oversubscription on a shared machine)")
     args = ap.parse_args(argv)
 
     from pipeline.config import Params
@@ -408,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(mw, ignore_errors=True)
         try:
             faces = identities(args.shards, methods.get(name).needs)
-            trained = train_method(name, base, mw, model, args.shards, args.method_seconds, args.lr, sorted(faces))
+            trained = train_method(name, base, mw, model, args.shards, args.method_steps, args.method_seconds, args.lr,
+                                   sorted(faces))
             scored = score_method(name, trained["adapters"], faces, {k: refs[k] for k in faces if k in refs}, arcface,
                                   args.seeds, args.steps, args.guidance)
             results[name] = {**scored, "training": trained["phases"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -439,7 +434,8 @@ def _result(args, pre, refs, ref_sims, results, t_all, partial: bool) -> dict:
         "protocol": {
             "base_model": "tiny preset (random init) pretrained here on the shards' aligned faces (VAE, then UNet); "
                           "NOT Stable Diffusion",
-            "pretraining": pre, "budget_per_method_seconds": args.method_seconds, "lr_every_phase": args.lr,
+            "pretraining": pre, "budget_per_method": {"optimizer_steps": args.method_steps, "wall_cap_seconds": args.method_seconds},
+            "lr_every_phase": args.lr,
             "generation": {"prompt": PROMPT, "seeds": args.seeds, "steps": args.steps, "scheduler": "ddim",
                            "guidance": args.guidance, "size": 64, "lambda": "each method's inference default; baseline 0"},
             "scoring": "ArcFace w600k_mbf (real, the identity stage's) on 64 px images resized to 112, no detection; "
