@@ -305,8 +305,11 @@ def compare(params: Params, cfg: Optional[CompareConfig] = None, *, log_mlflow: 
         "clip_t_missing": clip_missing,
     }
     if not real:
-        results["warning"] = ("RANDOM WEIGHTS in " + (", ".join(random_names) or "no scored method") +
-                              ": these numbers measure nothing about identity preservation")
+        parts = sorted({n.split(":", 1)[1] for n in random_names})
+        who = sorted({n.split(":", 1)[0] for n in random_names})
+        results["warning"] = (f"RANDOM WEIGHTS ({', '.join(parts) or 'no scored method'}) in {len(who)} of "
+                              f"{len(scored)} scored methods ({', '.join(who)}; per method in the report): these "
+                              "numbers measure nothing about identity preservation")
         log.warning("!!! %s !!!", results["warning"])
     write_outputs(results, cfg)
     results["seconds"] = round(time.perf_counter() - t0, 3)
