@@ -28,7 +28,7 @@ A method is "above baseline" only when the lower end of its interval is above th
 otherwise it is reported as not above baseline. The budget is small (minutes on 2 CPU cores): a
 negative result says the signal is not visible at this budget, not that the method cannot learn.
 
-    python -m benchmarks.learning_signal --shards data/shards [--method-steps 60] [--unet-seconds 150]
+    python -m benchmarks.learning_signal --shards data/shards [--method-steps 200] [--unet-seconds 180]
 """
 from __future__ import annotations
 
@@ -286,6 +286,23 @@ def train_method(name: str, base: dict, work: Path, model: Path, shards: str, st
 # 3-4. generation and the margin
 
 
+def existing_adapters(name: str, work: Path) -> dict[str, str]:
+    """{identity or "*": folder} of the adapters a previous run trained for `name` under `work` (its
+    last phase's; a per-identity phase's per identity, from adapter.json `phase_record.identity`)."""
+    from training import methods
+
+    m = methods.get(name)
+    last = list(m.phases.values())[-1]
+    out = {}
+    for meta_path in sorted((work / "models" / name).glob("*/adapter.json")):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("phase") != last.name:
+            continue
+        key = (meta.get("phase_record") or {}).get("identity") if last.per_identity else "*"
+        out[key or "*"] = str(meta_path.parent)
+    return out
+
+
 def embed64(arcface: Any, images: Sequence[np.ndarray]) -> np.ndarray:
     """ArcFace of (64, 64, 3) images resized to 112 (no detection, no alignment): (N, 512) unit rows."""
     from PIL import Image
@@ -321,6 +338,7 @@ def score_method(name: str, adapters: dict[str, str], faces: dict[str, list], re
     per: dict[str, dict[str, np.ndarray]] = {"method": {}, "baseline": {}}
     scale = None
     loaded: dict[str, Any] = {}
+    pixels: dict[str, dict[str, np.ndarray]] = {"method": {}, "baseline": {}}
     for ident in sorted(refs):
         folder = adapters.get(ident) or adapters.get("*")
         if folder is None or ident not in faces:
@@ -333,11 +351,19 @@ def score_method(name: str, adapters: dict[str, str], faces: dict[str, list], re
             imgs = gen.sample([[inputs]] * seeds, [prompt] * seeds, list(range(seeds)), scheduler="ddim", steps=steps,
                               guidance=guidance, scale=lam)
             per[key][ident] = embed64(arcface, list(imgs))
+            pixels[key][ident] = np.asarray(imgs, np.float64)
     out: dict[str, Any] = {"lambda": scale, "identities": sorted(per["method"])}
     for key in ("method", "baseline"):
         ms = margins(per[key], refs) if len(refs) >= 2 else []
         out[key] = ({"margin": float(np.mean(ms)), "interval95": bootstrap(ms), "n": len(ms)} if ms
                     else {"margin": None, "interval95": None, "n": 0})
+    # effect sizes (0-255 pixel units): how much the identity conditioning changes the image at all
+    ids = sorted(pixels["method"])
+    out["pixel_change_vs_lambda0"] = (float(np.mean([np.abs(pixels["method"][i] - pixels["baseline"][i]).mean() for i in ids]))
+                                      if ids else None)
+    pairs = [(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]]
+    out["pixel_spread_between_identities"] = (float(np.mean([np.abs(pixels["method"][a] - pixels["method"][b]).mean()
+                                                             for a, b in pairs])) if pairs else None)
     mm, bm = out["method"], out["baseline"]
     out["above_baseline"] = bool(mm["margin"] is not None and bm["margin"] is not None and mm["interval95"][0] > bm["margin"])
     out["verdict"] = ("above baseline" if out["above_baseline"] else
@@ -355,16 +381,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "learning_signal"))
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    ap.add_argument("--vae-seconds", type=float, default=70.0)
-    ap.add_argument("--unet-seconds", type=float, default=150.0)
-    ap.add_argument("--method-steps", type=int, default=60, help="optimizer steps per method (all phases)")
-    ap.add_argument("--method-seconds", type=float, default=180.0, help="wall-time cap per method's training")
+    ap.add_argument("--vae-seconds", type=float, default=120.0)
+    ap.add_argument("--unet-seconds", type=float, default=180.0)
+    ap.add_argument("--method-steps", type=int, default=200, help="optimizer steps per method (all phases)")
+    ap.add_argument("--method-seconds", type=float, default=150.0, help="wall-time cap per method's training")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--reuse", default=None, metavar="RESULT_JSON",
+                    help="rescore the base model and adapters a previous run left in --work (its result file)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no oversubscription on a shared machine)")
     args = ap.parse_args(argv)
+    args.reuse_seconds = None
 
     from pipeline.config import Params
     from training import methods
@@ -380,7 +409,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[learning_signal] {len(faces64)} aligned faces; methods {names}", flush=True)
 
     model = work / "base_model"
-    pre = pretrain(faces64, model, args.vae_seconds, args.unet_seconds)
+    previous = {}
+    if args.reuse and (model / "model_index.json").is_file():  # rescore: the base model and adapters of a run
+        previous = json.loads(Path(args.reuse).read_text())
+        pre = previous["protocol"]["pretraining"]
+        args.reuse_seconds = (previous.get("rescored") or {}).get("training_run_seconds_total") or previous.get("seconds_total")
+    else:
+        pre = pretrain(faces64, model, args.vae_seconds, args.unet_seconds)
     print(f"[learning_signal] pretrained: {json.dumps(pre)}", flush=True)
 
     scorer = FaceScorer.load(Params())
@@ -399,11 +434,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         mw = work / name
-        shutil.rmtree(mw, ignore_errors=True)
         try:
             faces = identities(args.shards, methods.get(name).needs)
-            trained = train_method(name, base, mw, model, args.shards, args.method_steps, args.method_seconds, args.lr,
-                                   sorted(faces))
+            old = (previous.get("methods") or {}).get(name) or {}
+            if previous and "training" in old:
+                trained = {"phases": old["training"], "adapters": existing_adapters(name, mw)}
+            else:
+                shutil.rmtree(mw, ignore_errors=True)
+                trained = train_method(name, base, mw, model, args.shards, args.method_steps, args.method_seconds,
+                                       args.lr, sorted(faces))
             scored = score_method(name, trained["adapters"], faces, {k: refs[k] for k in faces if k in refs}, arcface,
                                   args.seeds, args.steps, args.guidance)
             results[name] = {**scored, "training": trained["phases"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -442,11 +481,16 @@ def _result(args, pre, refs, ref_sims, results, t_all, partial: bool) -> dict:
                        "references: each identity's aligned faces at 64 px resized to 112, mean embedding; "
                        "margin = cos(gen_A, A) - mean_B cos(gen_A, B) per image, averaged; bootstrap 95% over images",
             "identities": sorted(refs), "reference_similarity": ref_sims,
+            "effect_sizes": "pixel_change_vs_lambda0: mean |image(lambda) - image(0)|; pixel_spread_between_identities: "
+                            "mean |image(A) - image(B)| at lambda, same seed (0-255 units)",
             "note": "a small CPU budget (minutes per method on a shared 2-core machine): a margin not above the "
                     "baseline means no measurable signal at this budget, not that the method cannot learn",
         },
         "methods": results,
         "seconds_total": round(time.perf_counter() - t_all, 1),
+        **({"rescored": {"note": "this run rescored (with --reuse) the base model and adapters of the run below; "
+                                 "pretraining and training figures are that run's",
+                         "training_run_seconds_total": args.reuse_seconds}} if args.reuse_seconds is not None else {}),
     }
 
 
