@@ -387,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--method-seconds", type=float, default=150.0, help="wall-time cap per method's training")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--reuse", default=None, metavar="RESULT_JSON",
                     help="rescore the base model and adapters a previous run left in --work (its result file)")
