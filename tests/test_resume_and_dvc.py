@@ -219,7 +219,8 @@ def _full_repro_checks(proj: Path) -> None:
     md5 = next(o["md5"] for o in lock["stages"]["shards"]["outs"] if o["path"] == "data/shards")
     meta = json.loads((proj / "models" / "wplus" / "stage2" / "adapter.json").read_text())
     run = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").get_run(meta["mlflow"]["run_id"])
-    (ds,) = run.inputs.dataset_inputs
+    # (its evaluation logs the evaluation set to the same run as a second input, context "evaluation")
+    (ds,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "shards"]
     assert ds.dataset.name == "shards" and ds.dataset.digest == md5 == meta["lineage"]["shards_hash"]
     assert json.loads(ds.dataset.source)["uri"] == str((proj / "data" / "shards").resolve())
     # Hybrid guidance: trained, evaluated, registered, and its multi-person generation in plots/
