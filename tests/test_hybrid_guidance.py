@@ -436,3 +436,63 @@ def test_text_path_mixes_the_priors_embedding_with_the_style(adapter_dir, sample
     text = half["conditioning"][0]["text"]
     assert text["alpha"] == 0.5 and text["text"] == "a cartoon" and text["prior"]["fingerprint"] == info["fingerprint"]
     assert abs(np.linalg.norm(e_t) - 1) < 1e-5  # normalised like the clip_image embeddings
+
+
+# ============================================================================================
+# evaluation: per-region identity of two-person images
+
+
+def test_region_identity_scores_each_half_against_its_own_identity():
+    """face i left, face i+1 right: each region's largest detected face is scored against that
+    region's identity; a region without a face counts 0; the regions reach the generator."""
+    from types import SimpleNamespace
+
+    from training.evaluate import EvalFace, EvaluateConfig, missing, value
+    from training.methods.hybrid_guidance import faces_by_half, half_regions, region_identity
+
+    def face(cx, size=20.0, source="mesh"):
+        lm5 = np.array([[cx - 5, 20], [cx + 5, 20], [cx, 26], [cx - 4, 32], [cx + 4, 32]], np.float64)
+        return SimpleNamespace(lm5=lm5, bbox=(cx - size / 2, 10, cx + size / 2, 10 + size), landmarks_source=source)
+
+    # the largest face per half; a detector-only fallback face is skipped
+    small, big = face(10, 8), face(20, 16)
+    assert faces_by_half([small, big, face(50, 30, source="detector")], 64) == [big, None]
+    r = half_regions(4, 6)
+    assert r.shape == (2, 4, 6) and r[0, :, :3].all() and not r[0, :, 3:].any() and r.sum(0).eq(1).all()
+
+    embs = {k: np.eye(4, dtype=np.float32)[k] for k in range(3)}  # identity k's unit embedding
+    faces = [EvalFace(key=f"k{k}", identity=f"id{k}", face=np.zeros((8, 8, 3), np.uint8),
+                      meta={"landmarks_aligned": [[0, 0]] * 5}, sample={}, id_emb=embs[k]) for k in range(3)]
+    calls = []
+
+    class Gen:
+        method = SimpleNamespace(prompt=lambda p, a: p)
+        adapter = None
+
+        def sample(self, conditioning, prompts, seeds, **kw):
+            calls.append((conditioning, kw["regions"].shape))
+            # image value = the pair's left identity; the detector finds faces from it
+            return [np.full((64, 64, 3), c[0]["i"], np.uint8) for c in conditioning]
+
+    class Detector:
+        def detect(self, img):  # pair (i, i+1): a face in both halves, except for pair 2 (right half empty)
+            return [face(16), face(48)] if img[0, 0, 0] != 2 else [face(16)]
+
+    class Scorer:
+        detector = Detector()
+
+        def embed_aligned(self, images, lms):  # the left face looks like identity i, the right like identity 0
+            i = int(images[0][0, 0, 0])
+            return np.stack([embs[i] if lm[0, 0] < 32 else embs[0] for lm in lms])
+
+    run = SimpleNamespace(faces=faces, inputs=[{"i": k} for k in range(3)], scorer=Scorer(), generator=Gen(), size=64,
+                          cfg=EvaluateConfig(batch_size=2, steps=1))
+    out = region_identity(run, value, missing)
+    assert [len(c) for c, _ in calls] == [2, 1] and calls[0][1] == (2, 2, 64, 64)
+    assert [[x["i"] for x in pair] for c, _ in calls for pair in c] == [[0, 1], [1, 2], [2, 0]]
+    # pair 0: left id0 vs id0 = 1, right looks id0 vs id1 = 0; pair 1: 1, id0 vs id2 = 0; pair 2: 1, no face = 0
+    m = out["region_identity_similarity"]
+    assert m["value"] == pytest.approx(3 / 6) and m["n"] == 6 and m["no_face_counts_as"] == 0.0
+    assert out["region_identity_similarity_detected"]["value"] == pytest.approx(3 / 5)
+    one = region_identity(SimpleNamespace(**{**vars(run), "faces": faces[:1]}), value, missing)
+    assert "needs >= 2 evaluation faces" in one["region_identity_similarity"]["missing"]

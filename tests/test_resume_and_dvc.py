@@ -219,7 +219,8 @@ def _full_repro_checks(proj: Path) -> None:
     md5 = next(o["md5"] for o in lock["stages"]["shards"]["outs"] if o["path"] == "data/shards")
     meta = json.loads((proj / "models" / "wplus" / "stage2" / "adapter.json").read_text())
     run = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").get_run(meta["mlflow"]["run_id"])
-    (ds,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "shards"]  # (+ the evaluation set, when registered)
+    # (its evaluation logs the evaluation set to the same run as a second input, context "evaluation")
+    (ds,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "shards"]
     assert ds.dataset.name == "shards" and ds.dataset.digest == md5 == meta["lineage"]["shards_hash"]
     assert json.loads(ds.dataset.source)["uri"] == str((proj / "data" / "shards").resolve())
     # Hybrid guidance: trained, evaluated, registered, and its multi-person generation in plots/
@@ -227,3 +228,18 @@ def _full_repro_checks(proj: Path) -> None:
     group = json.loads((proj / "plots" / "hybrid_guidance_group" / "group-p00-seed0.json").read_text())
     assert group["method"] == "hybrid_guidance" and len(group["content"]["assignment"]) == 3
     assert (proj / "plots" / "hybrid_guidance_group" / "group-p00-seed0.png").is_file()
+    # compare: every method's registered candidate on one evaluation set, all tagged weights_real false
+    rep = json.loads((proj / "eval" / "compare" / "report.json").read_text())
+    evaluated = yaml.safe_load((proj / "params.yaml").read_text())["evaluate"]["adapters"]
+    assert set(evaluated) <= set(rep["methods"]) and rep["eval_set"]["same"]
+    for m in evaluated:
+        e = rep["methods"][m]
+        assert e["eval_set"] == rep["eval_set"]["id"] and e["source"]["alias"] == "candidate", (m, e.get("source"))
+        assert e["metrics"]["clip_t"]["value"] is None and e["metrics"]["clip_t"]["missing"]
+    assert rep["weights_real"] is False and "weights_real: false" in (proj / "eval" / "compare.md").read_text()
+    nums = json.loads((proj / "metrics" / "compare.json").read_text())
+    assert nums["weights_real"] == 0 and set(evaluated) <= set(nums)
+    assert (proj / "plots" / "compare_tradeoff.png").is_file() and (proj / "plots" / "compare_grid.png").is_file()
+    (cmp_run,) = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{proj / 'mlruns.db'}").get_experiment_by_name("persona-compare").experiment_id])
+    assert cmp_run.data.tags["weights_real"] == "false" and cmp_run.data.tags["eval.set"] == rep["eval_set"]["id"]

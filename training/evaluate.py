@@ -802,8 +802,15 @@ def evaluate(
     generator: Any = None,
     scorer: Optional[FaceScorer] = None,
     log_mlflow: Optional[bool] = None,
+    face_keys: Optional[Sequence[str]] = None,
+    method_metrics: bool = True,
 ) -> dict:
-    """Run the evaluation; writes metrics_out, grid_out, images; logs to MLflow. Returns the results."""
+    """Run the evaluation; writes metrics_out, grid_out, images; logs to MLflow. Returns the results.
+
+    `face_keys`: score exactly these face keys of `cfg.split` (still at most max_identities x
+    faces_per_identity), whatever faces the adapter names (`persona compare` scores every method on
+    one set). `method_metrics` False skips the method's own metrics (`extra_metrics`,
+    `evaluation_metrics`), e.g. for the points of a lambda sweep."""
     from pipeline.images import encode_png
     from training.generate import Generator
 
@@ -818,7 +825,11 @@ def evaluate(
     # an adapter may name the faces it is scored on (`Phase.record` "evaluation_faces", e.g. a
     # per-identity fine-tune: its identity's held-out photos), from any split
     only = (gen.resolved.meta.get("phase_record") or {}).get("evaluation_faces")
-    if only:
+    if face_keys is not None:
+        loaded = labeled_faces(cfg.shards, (cfg.split,), cfg.max_identities, max(cfg.faces_per_identity, cfg.references),
+                               need=method.needs, keys=set(face_keys))
+        per_identity = cfg.faces_per_identity
+    elif only:
         cfg = dataclasses.replace(cfg, split="adapter:evaluation_faces")
         loaded = labeled_faces(cfg.shards, ("train", "val"), len(only), len(only), need=method.needs, keys=set(only))
         per_identity = len(only)
@@ -849,7 +860,7 @@ def evaluate(
                                                 [seed for _, _, seed in jobs])
         run.images = images
         gen_embs = scorer.detect_embed(images)
-        run_metrics = dict(method.evaluation_metrics(run) or {})
+        run_metrics = dict(method.evaluation_metrics(run) or {}) if method_metrics else {}
         control = control_from_shards(cfg.shards, scorer, cfg.control) if cfg.control.enabled else None
         scorer_models = scorer.models
     finally:
@@ -886,7 +897,7 @@ def evaluate(
     metrics["clip_t"] = clip_t(images, [cfg.prompts[pi] for _, pi, _ in jobs], cfg.clip_model, cfg.device)
     metrics["lpips"] = lpips_metric(refs_per_image, images, cfg.lpips_backbone, cfg.lpips_net, cfg.device)
     metrics["fid"] = fid_metric([f.face for f in faces], images, cfg.fid_inception, cfg.device)
-    extra = method.extra_metrics(images, samples, refs_per_image)
+    extra = method.extra_metrics(images, samples, refs_per_image) if method_metrics else {}
     clash = sorted(set(extra) & (set(metrics) | {"control_same_identity", "control_different_identity"}))
     if clash:
         raise ValueError(f"method '{method.name}': extra_metrics() redefines the evaluation's own metric(s) {clash}")

@@ -265,6 +265,11 @@ class HybridGuidance(Method):
         record["inputs_sha256"] = {k: sha256_array(v) for k, v in inputs.items()}
         return Prepared(inputs, record)
 
+    def evaluation_metrics(self, run) -> dict[str, dict]:
+        from training.evaluate import missing, value
+
+        return region_identity(run, value, missing)
+
     def _text_path(self, clip: np.ndarray, options: Mapping[str, str], kit: ReferenceKit) -> tuple[np.ndarray, dict]:
         folder = options.get("text_prior") or _method_config(kit).text_prior
         if not folder:
@@ -280,6 +285,95 @@ class HybridGuidance(Method):
         mixed = (alpha * e_t.astype(np.float64) + (1.0 - alpha) * clip.astype(np.float64)).astype(np.float32)
         return mixed, {"alpha": alpha, "text": options["style_text"], "prior": info,
                        "style_sha256": sha256_array(clip), "text_sha256": sha256_array(e_t)}
+
+
+# ============================================================================================
+# evaluation: per-region identity of two-person images
+
+PAIR_PROMPT = "a photo of two people side by side"
+
+
+def half_regions(height: int, width: int) -> torch.Tensor:
+    """(2, H, W) float masks: the left and the right half of the image (identity 0 left, 1 right)."""
+    m = torch.zeros(2, height, width)
+    m[0, :, : width // 2] = 1.0
+    m[1, :, width // 2:] = 1.0
+    return m
+
+
+def faces_by_half(faces: Sequence[Any], width: int) -> list[Optional[Any]]:
+    """The largest face (bbox area) with real landmarks whose 5-point centre is in the left / right
+    half: [left or None, right or None] (the detector-only fallback faces are skipped, as
+    `training.references.largest_face` does)."""
+    out: list[Optional[Any]] = [None, None]
+    for f in faces:
+        if f.lm5 is None or getattr(f, "landmarks_source", "") == "detector":
+            continue
+        k = 0 if float(np.mean(np.asarray(f.lm5, np.float64)[:, 0])) < width / 2 else 1
+        area = float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        if out[k] is None or area > float((out[k].bbox[2] - out[k].bbox[0]) * (out[k].bbox[3] - out[k].bbox[1])):
+            out[k] = f
+    return out
+
+
+def region_identity(run, value, missing) -> dict[str, dict]:
+    """Multi-person identity (FaceStudio's several identities in one image): for each evaluation face
+    i, one image of two people, face i confined to the left half and face i+1 to the right (the
+    region-masked injection), `PAIR_PROMPT`, the evaluation's first seed and sampler. Per region: the
+    ArcFace cosine between the region's identity (its reference embedding) and the largest face
+    detected with its centre in that region, 0 where there is none (as `identity_similarity`);
+    `region_identity_similarity` is the mean over regions, `..._detected` over regions with a face."""
+    from training.evaluate import reference_embeddings, usable_lm5
+
+    faces, n = run.faces, len(run.faces)
+    if n < 2:
+        why = "needs >= 2 evaluation faces (two identities per image)"
+        return {"region_identity_similarity": missing(why), "region_identity_similarity_detected": missing(why)}
+    detector = getattr(run.scorer, "detector", None)
+    if detector is None:
+        why = "the scorer has no face detector"
+        return {"region_identity_similarity": missing(why), "region_identity_similarity_detected": missing(why)}
+    pairs = [(i, (i + 1) % n) for i in range(n)] if n > 2 else [(0, 1)]
+    refs, _ = reference_embeddings(faces, run.scorer)
+    c, size = run.cfg, run.size
+    regions = half_regions(size, size)
+    prompt = run.generator.method.prompt(PAIR_PROMPT, run.generator.adapter)
+    images = []
+    for s in range(0, len(pairs), c.batch_size):
+        chunk = pairs[s:s + c.batch_size]
+        images.extend(run.generator.sample([[run.inputs[i], run.inputs[j]] for i, j in chunk], [prompt] * len(chunk),
+                                           [c.seed] * len(chunk), scheduler=c.scheduler, negative_prompt=c.negative_prompt,
+                                           steps=c.steps, guidance=c.guidance, scale=c.scale, delay_steps=c.delay_steps,
+                                           height=size, width=size,
+                                           regions=regions[None].expand(len(chunk), -1, -1, -1).contiguous()))
+    sims, sims_det, rows = [], [], []
+    for (i, j), img in zip(pairs, images):
+        rgb = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+        found = faces_by_half(detector.detect(rgb), rgb.shape[1])
+        row = {"left": faces[i].key, "right": faces[j].key, "similarity": []}
+        for k, (ident, f) in enumerate(zip((i, j), found)):
+            lm = None if f is None else usable_lm5(f.lm5, 1.0)
+            if refs[ident] is None:
+                row["similarity"].append(None)
+                continue
+            if lm is None:
+                sims.append(0.0)
+                row["similarity"].append(None)
+                continue
+            e = run.scorer.embed_aligned([rgb], [lm])[0]
+            sim = float(np.dot(refs[ident], e) / max(np.linalg.norm(refs[ident]) * np.linalg.norm(e), 1e-12))
+            sims.append(sim)
+            sims_det.append(sim)
+            row["similarity"].append(round(sim, 6))
+        rows.append(row)
+    protocol = "face i left, face i+1 right (half-image regions); first seed; prompt " + repr(PAIR_PROMPT)
+    out = {"region_identity_similarity": value(float(np.mean(sims)), len(sims), no_face_counts_as=0.0, images=len(images),
+                                               protocol=protocol, pairs=rows) if sims
+           else missing("no reference face could be embedded", len(images))}
+    out["region_identity_similarity_detected"] = (
+        value(float(np.mean(sims_det)), len(sims_det), protocol=protocol) if sims_det
+        else missing("no face detected in either person's region of any two-person image", len(sims)))
+    return out
 
 
 # ============================================================================================
