@@ -142,9 +142,16 @@ def train_loop(config: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ensure_ray(address: Optional[str]) -> None:
+def ensure_ray(address: Optional[str]) -> None:
+    """Ray for training (Ray Train workers, per-identity tasks): attach to `address` / $RAY_ADDRESS,
+    else start it in this process. Warm data-stage actors this process still holds
+    (`pipeline.runtime`'s pool, kept between stages) are released first: their CPUs are the
+    training workers'."""
     import ray
 
+    from pipeline.runtime import release_pools
+
+    release_pools()
     if ray.is_initialized():
         return
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
@@ -200,7 +207,7 @@ def train_distributed(
     storage = str(Path(storage_path or cc.storage_path).resolve()) if "://" not in (storage_path or cc.storage_path) \
         else (storage_path or cc.storage_path)
     name = name or f"{m.name}-{phase}"
-    _ensure_ray(address or cc.address)
+    ensure_ray(address or cc.address)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"params": raw_params, "method": m.name, "phase": phase, "max_steps": max_steps,

@@ -340,18 +340,6 @@ def _task(params: Params, method: str, phase: str, identity: str, overrides: Map
 # the run
 
 
-def _init_ray(address: Optional[str]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {"PYTHONPATH": os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x),
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env},
-             include_dashboard=False, log_to_driver=True)
-
-
 def _prepare_tracking(tp: Any, method: str) -> None:
     """Create the training experiment (and the tracking store's tables) once in the driver, so
     that parallel tasks do not race to create them."""
@@ -377,7 +365,9 @@ def fan_out(params: Params, method: Any, phase: Any, jobs: Sequence[Job], cfg: P
     """One Ray task per job (see module doc); `on_result(job, row)` in the driver as each finishes."""
     import ray
 
-    _init_ray(address or cfg.address)
+    from training.cluster import ensure_ray
+
+    ensure_ray(address or cfg.address)
     gpu = use_gpu if use_gpu is not None else cfg.use_gpu
     if gpu is None:
         gpu = ray.cluster_resources().get("GPU", 0) > 0
