@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: machine description and result files."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -207,3 +208,13 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*self.log.*")
     warnings.filterwarnings("ignore", message=".*trainer.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def gpu_benchmark_args(doc: str) -> argparse.Namespace:
+    """The command line of a GPU benchmark: timed steps, warm-up steps, and a CPU dry run."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--check-on-cpu", action="store_true",
+                    help="exercise the same code with the tiny preset at 64 px on CPU (no result file)")
+    return ap.parse_args()

@@ -17,11 +17,10 @@ Without CUDA the result records that it was skipped, why, and the cells it would
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
-from benchmarks.common import MethodStep, method_phases, quiet_lightning, table, write_result
+from benchmarks.common import MethodStep, gpu_benchmark_args, method_phases, quiet_lightning, table, write_result
 from benchmarks.workload import quiet
 
 BATCHES = (1, 4, 8)
@@ -90,12 +89,7 @@ def cells(preset: str, device: str, px: int, batches=BATCHES, precisions=PRECISI
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--check-on-cpu", action="store_true",
-                    help="exercise the same code with the tiny preset at 64 px on CPU (no result file)")
-    args = ap.parse_args()
+    args = gpu_benchmark_args(__doc__)
     quiet()
     quiet_lightning()
     import torch

@@ -16,11 +16,10 @@ Without CUDA the result records only that it was skipped, and why.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
-from benchmarks.common import table, write_result
+from benchmarks.common import gpu_benchmark_args, table, write_result
 from benchmarks.workload import quiet
 
 BATCHES = (1, 4)
@@ -106,12 +105,7 @@ def measure(preset: str, device, px: int, batch: int, train_unet: bool, checkpoi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--check-on-cpu", action="store_true",
-                    help="exercise the same code with the tiny preset at 64 px on CPU (no result file)")
-    args = ap.parse_args()
+    args = gpu_benchmark_args(__doc__)
     quiet()
     import torch
 
