@@ -63,8 +63,11 @@ def write_result(name: str, result: dict) -> Path:
     end = load_average()
     load = {"start": LOAD_AT_START, "end": end, "loaded": max(LOAD_AT_START[0], end[0]) > LOADED,
             "note": f"1/5/15-minute load averages when the benchmark started and ended; loaded = above {LOADED:g} "
-                    f"on {os.cpu_count()} cores (other jobs shared the machine: compare ratios from one run)"}
+                    f"on {os.cpu_count()} cores"}
     payload = {"benchmark": name, "machine": machine(), "load_average": load, **result}
+    payload["noise"] = ("the machine was shared with other jobs while measured: compare ratios from the same run, not "
+                        "absolute times" if load["loaded"] else
+                        f"the machine was quiet while measured (1-minute load at most {LOADED:g} at start and end)")
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 

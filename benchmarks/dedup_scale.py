@@ -81,7 +81,8 @@ def main() -> None:
         result["missed"] = {"seconds_lt_60": (
             f"{seconds:.1f} s wall for {cpu:.1f} CPU-s: the search runs on one core, so with other jobs on the machine "
             f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) the wall time is the CPU time stretched "
-            "by the share it got; on a free core it is about the CPU time. What would cut the CPU: fewer candidate "
+            "by the share it got; on a free core it is about the CPU time. What would fix it: a quiet machine for the "
+            "wall time; to cut the CPU, fewer candidate "
             "pairs per block (more blocks at 1M hashes) or a compiled pair check")}
     path = write_result("dedup_scale", result)
     print(table(

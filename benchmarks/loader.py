@@ -326,7 +326,10 @@ def main() -> None:
             missed[name] = (f"loader {loaders['64px_draft']['samples_per_s']:.0f} samples/s vs step "
                             f"{step['samples_per_s']:.0f} ({ratio:.2f}x). One process, per sample: "
                             + ", ".join(f"{k} {v} ms" for k, v in c.items() if k != "samples")
-                            + ". Two DataLoader workers share the 2 cores with the other jobs of this machine.")
+                            + ". Two DataLoader workers share the 2 cores with the training step. What would fix it: "
+                            "less decoding per sample (a reduced JPEG decode for more of the phase's members, "
+                            "`Phase.decode_sizes`, or smaller stored members), or more DataLoader workers on "
+                            "more cores")
     result = {
         "data": {"faces": sum(s["samples"] for s in index["shards"]), "tars": len(index["shards"]),
                  "samples_per_shard": args.per_shard, "members": index["sample_keys"],

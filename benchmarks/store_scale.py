@@ -270,14 +270,16 @@ def main() -> None:
     if not targets[f"done_lt_{TARGET_DONE_S:g}s"]:
         missed["done"] = (f"done() took {res['done']['seconds']} s wall but {res['done']['cpu_seconds']} CPU-s: the "
                           f"machine was shared (load {result_load()}); on 2 free cores the wall time is about the CPU "
-                          "time. What would cut the CPU further: cache keys as 16-byte binary in the journal index "
+                          "time. What would fix it: a quiet machine; to cut the CPU further, cache keys as 16-byte binary in the journal index "
                           "(half the bytes to read and hash) and a set-free done() for callers that only test membership")
     if not targets[f"commit_independent_of_parts_le_{TARGET_COMMIT_RATIO:g}x"]:
         missed["commit"] = (f"median commit {c_big} s at {big['parts']} parts vs {c_small} s at {small['parts']} (interleaved): "
                             "the commit path lists nothing (a counter); the difference is the filesystem (a rename into "
-                            "a folder of 8,000 entries) or load noise on the shared machine")
+                            "a folder of 8,000 entries) or load noise on the shared machine. What would fix it: part files "
+                            "in sub-folders of bounded size (fewer entries per rename target)")
     if not targets[f"consolidate_peak_lt_{TARGET_PEAK_GB:g}GB"]:
-        missed["consolidate"] = f"peak {res['consolidate']['peak_rss_gb']} GB: lower CONSOLIDATE_GROUP / the bucket budget"
+        missed["consolidate"] = (f"peak {res['consolidate']['peak_rss_gb']} GB: buckets held in memory while sorted. "
+                                "What would fix it: a lower CONSOLIDATE_GROUP / bucket budget")
     if missed:
         result["missed"] = missed
     path = write_result("store_scale", result)

@@ -48,26 +48,38 @@ from .storage import local_copy, spath
 log = logging.getLogger("persona.shards")
 
 NPY_SHAPES = {"wplus.npy": WPLUS_SHAPE, "id.npy": ID_SHAPE}
+# a sample's {member: decoded width / stored width} for the JPEGs `get` decoded reduced (`sizes`);
+# absent when every member is at its stored size
+SCALE_KEY = "__scale__"
 
 
 # ============================================================================================
 # decoding (the one decode path)
 
 
+def decode_picture(data: bytes, min_side: Optional[int] = None) -> tuple[np.ndarray, float]:
+    """Image bytes -> (uint8 array, RGB HxWx3 or grayscale HxW; its width / the stored width).
+    `min_side`: a JPEG may be decoded reduced (libjpeg DCT scaling by 1/2, 1/4 or 1/8, PIL `draft`)
+    as long as both sides stay >= min_side: much cheaper, but not the full-size decode's pixels, and
+    pixel coordinates recorded in the stored frame (landmarks) scale by the returned factor."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        width = im.size[0]
+        if min_side and im.format == "JPEG":
+            im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", (int(min_side), int(min_side)))
+        if im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        arr = np.array(im)
+    return arr, arr.shape[1] / width
+
+
 def decode_member(ext: str, data: bytes, key: str = "?", min_side: Optional[int] = None) -> Any:
     """One member's bytes -> value: image -> uint8 array (RGB HxWx3 or grayscale HxW), npy -> array
     (shape-checked for the known members), json -> dict, txt -> str; anything else stays bytes.
-    `min_side`: a JPEG may be decoded reduced (libjpeg DCT scaling by 1/2, 1/4 or 1/8, PIL `draft`)
-    as long as both sides stay >= min_side: much cheaper, but not the full-size decode's pixels."""
+    `min_side`: a JPEG may be decoded reduced (see `decode_picture`)."""
     if ext.endswith(("jpg", "jpeg", "png")):
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            if min_side and im.format == "JPEG":
-                im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", (int(min_side), int(min_side)))
-            if im.mode not in ("RGB", "L"):
-                im = im.convert("RGB")
-            return np.array(im)
+        return decode_picture(data, min_side)[0]
     if ext.endswith("npy"):
         a = np.load(io.BytesIO(data), allow_pickle=False)
         want = NPY_SHAPES.get(ext)
@@ -197,7 +209,8 @@ class ShardIndex:
 
     def get(self, i: int, keys: Sequence[str], sizes: Optional[dict[str, int]] = None) -> dict:
         """{"__key__": key, ext: decoded value} for the members of sample i named in `keys` (absent
-        ones omitted); `sizes`: member -> min_side for a reduced JPEG decode (`decode_member`)."""
+        ones omitted); `sizes`: member -> min_side for a reduced JPEG decode (`decode_picture`), whose
+        scale is recorded under `SCALE_KEY` (`{member: factor}`) when it is not 1."""
         e = self.entries[i]
         want = [k for k in dict.fromkeys(keys) if k in e.members]
         out: dict[str, Any] = {"__key__": e.key}
@@ -210,7 +223,13 @@ class ShardIndex:
             buf = f.read(hi - lo)
         for k in want:
             off, size = e.members[k]
-            out[k] = decode_member(k, buf[off - lo: off - lo + size], e.key, (sizes or {}).get(k))
+            data, side = buf[off - lo: off - lo + size], (sizes or {}).get(k)
+            if side and k.endswith(("jpg", "jpeg")):
+                out[k], scale = decode_picture(data, side)
+                if scale != 1.0:
+                    out.setdefault(SCALE_KEY, {})[k] = scale
+            else:
+                out[k] = decode_member(k, data, e.key, side)
         return out
 
     def identity(self, i: int) -> Optional[str]:

@@ -400,3 +400,45 @@ def test_expression_controllability_measures_the_generated_face_against_the_refe
         assert m["value"] is None and "no face with a mesh" in m["missing"]
     cond.expression_source = "precomputed:deca"
     assert "not the mesh descriptor" in F.expression_controllability(run, value, missing)["missing"]
+
+
+# ============================================================================================
+# loader: the face is decoded reduced (JPEG draft), its landmarks follow the decode scale
+
+
+def _smooth_face_tar(tmp: Path, size: int = 512) -> tuple[Path, np.ndarray]:
+    """One real shard sample whose face.jpg is a smooth 512 px picture with landmarks in its frame."""
+    from PIL import Image
+
+    from pipeline.models.align import ARCFACE_TEMPLATE
+
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+    face = np.stack([128 + 100 * np.sin(6 * xx), 128 + 100 * np.cos(5 * yy), 255 * xx * yy], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, format="JPEG", quality=95)
+    s = synthetic_samples(1, identities=1, seed=0, size=64, encoded=True)[0]
+    meta = json.loads(s["json"])
+    lm = ARCFACE_TEMPLATE * (size / 112 * 0.6) + size * 0.2  # an aligned face: eyes ~120 px apart
+    meta["landmarks_aligned"] = lm.tolist()
+    s = {**s, "face.jpg": buf.getvalue(), "json": json.dumps(meta).encode()}
+    tar = tmp / "train" / "train-000000.tar"
+    write_tar(tar, [encoded_members(s)])
+    return tar, lm
+
+
+def test_the_arcface_crop_of_a_reduced_face_decode_matches_the_full_size_one(tmp_path):
+    from pipeline.shard_reader import SCALE_KEY, ShardIndex
+
+    tar, _ = _smooth_face_tar(tmp_path)
+    sizes = methods.get(M).phase("main").decode_sizes(None, 64)
+    assert sizes.get("face.jpg", 0) >= 2 * F.CROP  # F2D's loader decodes its face at about twice the crop
+    src = ShardIndex([str(tar)])
+    full = src.get(0, ("face.jpg", "json"))
+    small = src.get(0, ("face.jpg", "json"), sizes)
+    assert SCALE_KEY not in full and small["face.jpg"].shape[:2] == (256, 256)
+    assert small[SCALE_KEY] == {"face.jpg": 0.5}
+    a, b = F.face_crop(full).astype(np.float32), F.face_crop(small).astype(np.float32)
+    assert np.abs(a - b).mean() < 4.0
+    # without the scale the 512 px landmarks would cut the wrong region of the 256 px decode
+    off = F.face_crop({k: v for k, v in small.items() if k != SCALE_KEY}).astype(np.float32)
+    assert np.abs(a - off).mean() > 20.0

@@ -68,6 +68,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.digests import sha256_array, sha256_file
 from pipeline.models import expression as expr_model
+from pipeline.shard_reader import SCALE_KEY
 from training import methods
 from training.adapters.pseudo_words import PseudoWordInjection
 from training.losses import cgdr_target, mask_to_latent, noise_mse
@@ -227,6 +228,7 @@ def face_crop(sample: dict) -> np.ndarray:
         face = np.stack([face] * 3, -1)
     face = np.ascontiguousarray(face[..., :3])
     lm = np.asarray((sample.get("json") or {}).get("landmarks_aligned") or [], dtype=np.float64)
+    lm = lm * (sample.get(SCALE_KEY) or {}).get("face.jpg", 1.0)  # in the stored frame; the decode may be reduced
     if lm.shape == (5, 2) and np.all(np.isfinite(lm)) and float(np.hypot(*(lm[1] - lm[0]))) >= 4.0:
         crop = arcface_align(face, lm, CROP)
     else:
@@ -313,6 +315,12 @@ class Main(Phase):
     config = MainConfig
     trains = ("conditioner",)
     members = ("face.jpg", "face_mask.png", "json")
+
+    def decode_sizes(self, cfg: MainConfig, resolution: int) -> dict[str, int]:
+        # the ArcFace crop (eyes 35 px apart in 112) of an aligned face (eyes about a quarter of its side
+        # apart): from a >= 224 px decode each crop pixel still spans more than one source pixel, so a
+        # 512 px face decodes at 1/2 scale (`face_crop` scales the landmarks by SCALE_KEY)
+        return {"face.jpg": max(resolution, 2 * CROP)}
 
     def example(self, sample: dict, *, resolution: int, cfg: MainConfig, rng: np.random.Generator) -> dict:
         u = rng.random(4)
