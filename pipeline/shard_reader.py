@@ -51,6 +51,7 @@ NPY_SHAPES = {"wplus.npy": WPLUS_SHAPE, "id.npy": ID_SHAPE}
 # a sample's {member: decoded width / stored width} for the JPEGs `get` decoded reduced (`sizes`);
 # absent when every member is at its stored size
 SCALE_KEY = "__scale__"
+PICTURES = ("jpg", "jpeg", "png")  # member extensions decoded as images (`decode_picture`)
 
 
 # ============================================================================================
@@ -78,7 +79,7 @@ def decode_member(ext: str, data: bytes, key: str = "?", min_side: Optional[int]
     """One member's bytes -> value: image -> uint8 array (RGB HxWx3 or grayscale HxW), npy -> array
     (shape-checked for the known members), json -> dict, txt -> str; anything else stays bytes.
     `min_side`: a JPEG may be decoded reduced (see `decode_picture`)."""
-    if ext.endswith(("jpg", "jpeg", "png")):
+    if ext.endswith(PICTURES):
         return decode_picture(data, min_side)[0]
     if ext.endswith("npy"):
         a = np.load(io.BytesIO(data), allow_pickle=False)
@@ -224,7 +225,7 @@ class ShardIndex:
         for k in want:
             off, size = e.members[k]
             data, side = buf[off - lo: off - lo + size], (sizes or {}).get(k)
-            if side and k.endswith(("jpg", "jpeg")):
+            if k.endswith(PICTURES):  # only a JPEG asked for a reduced decode gets a scale other than 1
                 out[k], scale = decode_picture(data, side)
                 if scale != 1.0:
                     out.setdefault(SCALE_KEY, {})[k] = scale
