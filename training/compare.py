@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from pipeline.config import ConfigError, Params, build
+from pipeline.config import ConfigError, Params
+from training.sections import section_config
 
 log = logging.getLogger("persona.compare")
 
@@ -90,10 +91,7 @@ class CompareConfig:
 def compare_config(params: Params | Mapping[str, Any] | None = None,
                    overrides: Optional[Mapping[str, Any]] = None) -> CompareConfig:
     """Validate the `compare:` section (Params, raw dict or None) with top-level key overrides."""
-    raw = params.extra.get("compare") if isinstance(params, Params) else params
-    raw = dict(raw or {})
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    cfg = build(CompareConfig, raw, "compare")
+    cfg = section_config(CompareConfig, params, "compare", overrides)
     if not cfg.aliases:
         raise ConfigError("compare.aliases: give at least one registry alias (e.g. [champion, candidate])")
     if not cfg.scales or any(not isinstance(s, (int, float)) or s < 0 for s in cfg.scales):

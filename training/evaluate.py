@@ -77,8 +77,9 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import ConfigError, Params, build
+from pipeline.config import ConfigError, Params
 from pipeline.devices import resolve_device
+from training.sections import section_config
 from training.references import largest_face
 
 log = logging.getLogger("persona.evaluate")
@@ -150,10 +151,7 @@ class EvaluateConfig:
 
 def evaluate_config(params: Params | Mapping[str, Any] | None = None, overrides: Optional[Mapping[str, Any]] = None) -> EvaluateConfig:
     """Validate the `evaluate:` section (Params, raw dict or None) with top-level key overrides."""
-    raw = params.extra.get("evaluate") if isinstance(params, Params) else params
-    raw = dict(raw or {})
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    cfg = build(EvaluateConfig, raw, "evaluate")
+    cfg = section_config(EvaluateConfig, params, "evaluate", overrides)
     if not cfg.prompts:
         raise ConfigError("evaluate.prompts: give at least one prompt")
     for k in ("max_identities", "faces_per_identity", "references", "num_images", "steps", "batch_size", "grid_tile"):

@@ -56,10 +56,11 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, Params, build, load_params, to_dict
+from pipeline.config import ConfigError, Params, load_params, to_dict
 from pipeline.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from pipeline.digests import sha256_bytes, sha256_file
 from pipeline.gitinfo import git_commit
+from training.sections import section_config
 from training.methods.base import Identity, Prepared
 
 log = logging.getLogger("persona.generate")
@@ -129,8 +130,7 @@ def with_method_defaults(cfg: GenerateConfig, method: str) -> GenerateConfig:
 
 def generate_config(params: Params | Mapping[str, Any] | None = None) -> GenerateConfig:
     """Validate the `generate:` section (a Params, the raw section dict, or None for defaults)."""
-    raw = params.extra.get("generate") if isinstance(params, Params) else params
-    cfg = build(GenerateConfig, raw or {}, "generate")
+    cfg = section_config(GenerateConfig, params, "generate")
     check_sampling(cfg.steps, cfg.delay_steps, cfg.num_images, "generate")
     check_strength(cfg.strength, "generate")
     return cfg

@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from pipeline.config import ConfigError, Params, build
+from pipeline.config import ConfigError, Params
 from pipeline.digests import sha256_file
+from training.sections import section_config
 
 log = logging.getLogger("persona.registry")
 
@@ -78,8 +79,7 @@ class RegistryConfig:
 
 
 def registry_config(params: Params | Mapping[str, Any] | None = None) -> RegistryConfig:
-    raw = params.extra.get("registry") if isinstance(params, Params) else params
-    cfg = build(RegistryConfig, raw or {}, "registry")
+    cfg = section_config(RegistryConfig, params, "registry")
     if not cfg.gate_metrics:
         raise ConfigError("registry.gate_metrics: name at least one metric")
     if cfg.min_improvement < 0:
