@@ -227,11 +227,9 @@ def shards_breakdown(root, params) -> dict:
 
     _, profile = profiled(lambda: write_shards(joined, root.parent / "shards-profile", cfg, force=True))
     # the whole stage again in this process (its output removed): no first-run imports or set-up
-    import shutil as _shutil
-
     from stages import shards as shards_stage
 
-    _shutil.rmtree(root / "shards", ignore_errors=True)
+    shutil.rmtree(root / "shards", ignore_errors=True)
     c = time.process_time()
     shards_stage.run(context(params, root))
     rerun_cpu = time.process_time() - c
@@ -450,12 +448,6 @@ def explain_misses(figures: dict, targets: dict, shards_bd: dict, dedup_big: dic
                 + (f" (>= {TARGET})." if q["cpu_seconds"] / no_grid >= TARGET else
                    "; the rest is the tars' sha256 for index.json, their fsync, the join and the metrics, which make "
                    "the shards verifiable and durable, so at this size the target is out of reach without them.")
-            )
-        elif s == "dedup":
-            out[s] = (
-                f"Persona {p['cpu_seconds']:.3f} CPU-s vs bare {q['cpu_seconds']:.3f} on {p['items']} rows: fixed parquet "
-                f"read/write and pandas set-up dominate at this size; see dedup_at_scale for the per-row cost. What "
-                f"would fix it: nothing at this size (a fixed cost of milliseconds); the per-row target is dedup_at_scale."
             )
     d = dedup_big
     if not targets.get(f"dedup_{d['rows']}_rows_ge_{TARGET}", True):
